@@ -1,0 +1,51 @@
+"""laplace: Laplace approximations for deep learning.
+
+Drop-in compatible with the public API of laplace-torch 0.3::
+
+    from laplace import Laplace
+
+    la = Laplace(model, "classification", subset_of_weights="last_layer",
+                 hessian_structure="kron")
+    la.fit(train_loader)
+    la.optimize_prior_precision(method="marglik")
+    probs = la(x_test, pred_type="glm", link_approx="probit")
+"""
+
+from laplace.base import BaseLaplace, NotFittedError
+from laplace.factory import Laplace
+from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.utils.enums import (
+    FunctionalApproximation,
+    HessianStructure,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    SubsetOfWeights,
+    TuningMethod,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Laplace",
+    "BaseLaplace",
+    "ParametricLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "DiagLaplace",
+    "LLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "DiagLLLaplace",
+    "NotFittedError",
+    "SubsetOfWeights",
+    "HessianStructure",
+    "FunctionalApproximation",
+    "Likelihood",
+    "PredType",
+    "LinkApprox",
+    "TuningMethod",
+    "PriorStructure",
+]

@@ -1,0 +1,328 @@
+"""``BaseLaplace``: hyperparameters, likelihood and data handling shared by all
+Laplace approximations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace.utils.data import dataset_size, split_batch, to_device
+from laplace.utils.enums import Likelihood, PredType
+from laplace.utils.utils import _is_valid_scalar
+
+__all__ = ["BaseLaplace", "NotFittedError"]
+
+
+class NotFittedError(ValueError, RuntimeError):
+    """Raised when a method needs :meth:`fit` to have run first."""
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every module's mode afterwards, so the
+    user's model leaves our hands exactly as it came in."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _positive_scalar(value: Any, name: str) -> None:
+    if not _is_valid_scalar(value):
+        raise ValueError(f"{name} must be a scalar; got {value!r}.")
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite; got {v}.")
+
+
+class BaseLaplace:
+    """Shared state of every Laplace approximation: the model, the likelihood and
+    its hyperparameters (prior precision and mean, observation noise, temperature),
+    the lazily built curvature backend and data handling.
+
+    Parameters
+    ----------
+    model : nn.Module
+    likelihood : Likelihood or {'classification', 'regression', 'reward_modeling'}
+    sigma_noise : float or Tensor, default=1
+        Observation noise standard deviation (regression only).
+    prior_precision : float or Tensor, default=1
+        Scalar, per-layer ``(n_layers,)`` or per-parameter ``(n_params,)``.
+    prior_mean : float or Tensor, default=0
+        Scalar or ``(n_params,)``.
+    temperature : float, default=1
+    enable_backprop : bool, default=False
+        Keep predictions differentiable w.r.t. the inputs.
+    dict_key_x, dict_key_y : str
+        Keys of inputs and targets in dict-like batches.
+    backend : type of CurvatureInterface, optional
+        Defaults to :class:`~laplace.curvature.CurvlinopsGGN`.
+    backend_kwargs : dict, optional
+        Extra keyword arguments for the backend.
+    asdl_fisher_kwargs : dict, optional
+        Extra keyword arguments for ASDL's Fisher computation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
+        self.likelihood = Likelihood.parse(likelihood, "likelihood")
+        if self.likelihood is not Likelihood.REGRESSION:
+            if not _is_valid_scalar(sigma_noise) or float(sigma_noise) != 1.0:
+                raise ValueError(
+                    f"sigma_noise={sigma_noise!r} is only meaningful for regression; "
+                    f"it must be 1 for likelihood={self.likelihood.value!r}."
+                )
+        for name, value in (("backend_kwargs", backend_kwargs),):
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a dict or None; got {type(value)}.")
+        self.model = model
+        self.enable_backprop = bool(enable_backprop)
+        self.dict_key_x = dict_key_x
+        self.dict_key_y = dict_key_y
+        self._backend_cls = backend
+        self.backend_kwargs = dict(backend_kwargs or {})
+        self.asdl_fisher_kwargs = asdl_fisher_kwargs
+        self._backend = None
+        self.loss: torch.Tensor | float = 0.0
+        self.n_outputs: int | None = None
+        self.n_data = 0
+        self._set_device_dtype()
+        self.temperature = temperature
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
+        self.prior_mean = prior_mean
+
+    # ---- model, device and backend -------------------------------------------
+    def _set_device_dtype(self) -> None:
+        param = next(iter(self.model.parameters()), None)
+        if param is None:
+            raise ValueError("The model has no parameters to build a posterior over.")
+        self._device, self._dtype = param.device, param.dtype
+        # bf16/fp16 models: hyperparameters and curvature in float32 for stability.
+        if self._dtype in (torch.bfloat16, torch.float16):
+            self._dtype = torch.float32
+
+    def _default_backend(self) -> type:
+        from laplace.curvature import CurvlinopsGGN
+
+        return CurvlinopsGGN
+
+    @property
+    def backend(self):
+        """The curvature backend instance, built on first use."""
+        if self._backend is None:
+            cls = self._backend_cls or self._default_backend()
+            self._backend = cls(
+                self.model,
+                self.likelihood,
+                dict_key_x=self.dict_key_x,
+                dict_key_y=self.dict_key_y,
+                **self._backend_init_kwargs(),
+            )
+        return self._backend
+
+    def _backend_init_kwargs(self) -> dict[str, Any]:
+        return dict(self.backend_kwargs)
+
+    # ---- hyperparameters --------------------------------------------------------
+    def _as_tensor(self, value: float | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(value, device=self._device, dtype=self._dtype)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        _positive_scalar(value, "temperature")
+        self._temperature = float(value)
+        self._hyperparameters_changed()
+
+    @property
+    def sigma_noise(self) -> torch.Tensor:
+        """Observation noise standard deviation, a 0-dim tensor."""
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | torch.Tensor) -> None:
+        _positive_scalar(value, "sigma_noise")
+        if self.likelihood is not Likelihood.REGRESSION and float(value) != 1.0:
+            raise ValueError(
+                f"sigma_noise must be 1 for likelihood={self.likelihood.value!r}; "
+                f"got {float(value)}."
+            )
+        self._sigma_noise = self._as_tensor(value).reshape(())
+        self._hyperparameters_changed()
+
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """Prior precision: ``(1,)`` scalar, ``(n_layers,)`` or ``(n_params,)``."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | torch.Tensor) -> None:
+        tensor = self._as_tensor(value).reshape(-1)
+        if tensor.numel() == 0:
+            raise ValueError("prior_precision must not be empty.")
+        checked = tensor.detach()
+        if not (torch.isfinite(checked).all() and (checked > 0).all()):
+            raise ValueError(
+                "prior_precision must be positive and finite; got "
+                f"{checked.tolist() if checked.numel() < 10 else checked}."
+            )
+        self._check_prior_precision_shape(tensor)
+        self._prior_precision = tensor
+        self._hyperparameters_changed()
+
+    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
+        """Subclasses check the length against the number of layers/parameters."""
+
+    @property
+    def prior_mean(self) -> torch.Tensor:
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | torch.Tensor) -> None:
+        tensor = self._as_tensor(value)
+        if tensor.ndim > 1 or not torch.isfinite(tensor.detach()).all():
+            raise ValueError(
+                "prior_mean must be a finite scalar or a vector of length n_params; "
+                f"got shape {tuple(tensor.shape)}."
+            )
+        self._check_prior_mean_shape(tensor)
+        self._prior_mean = tensor
+        self._hyperparameters_changed()
+
+    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
+        """Subclasses check the length against the number of parameters."""
+
+    def _hyperparameters_changed(self) -> None:
+        """Hook for subclasses that cache quantities depending on hyperparameters."""
+
+    @property
+    def _H_factor(self) -> torch.Tensor:
+        """Scale of the log-likelihood curvature, ``1 / (sigma^2 * temperature)``."""
+        return 1.0 / (self.sigma_noise.square() * self.temperature)
+
+    @property
+    def log_likelihood(self) -> torch.Tensor:
+        """Log-likelihood of the training data at the MAP, tempered.
+
+        Regression: ``-loss / (sigma^2 T) - N * n_outputs * log(sigma sqrt(2 pi))``
+        with ``loss`` half the sum of squared errors; classification: ``-loss / T``.
+        """
+        self._check_fitted()
+        factor = -self._H_factor
+        if self.likelihood is Likelihood.REGRESSION:
+            normalizer = (
+                self.n_data
+                * self.n_outputs
+                * torch.log(self.sigma_noise * math.sqrt(2 * math.pi))
+            )
+            return factor * self.loss - normalizer
+        return factor * self.loss
+
+    # ---- data -----------------------------------------------------------------------
+    def _batches(
+        self, loader: Iterable
+    ) -> Iterator[tuple[torch.Tensor | MutableMapping, torch.Tensor]]:
+        """Yield ``(X, y)`` of every batch, on the model's device."""
+        for batch in loader:
+            X, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            yield to_device(X, self._device), y.to(self._device)
+
+    _dataset_size = staticmethod(dataset_size)
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"{type(self).__name__} is not fitted yet; call fit(train_loader) "
+                "first."
+            )
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.n_data > 0
+
+    # ---- public API shared by all approximations -------------------------------
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GLM,
+        method: str = "marglik",
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: str = "scalar",
+        val_loader: Iterable | None = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision by maximising the marginal likelihood
+        (``method='marglik'``, Adam on the log prior precision) or by a grid search
+        on ``val_loader`` (``method='gridsearch'``, lowest ``loss`` wins; default
+        loss: NLL for classification, MSE for regression).
+
+        ``prior_structure`` ('scalar', 'layerwise' or 'diag') defaults to 'scalar',
+        the effective default of every laplace-torch Laplace class.
+        """
+        from laplace.prior_tuning import optimize_prior_precision
+
+        optimize_prior_precision(
+            self,
+            pred_type=pred_type,
+            method=method,
+            n_steps=n_steps,
+            lr=lr,
+            init_prior_prec=init_prior_prec,
+            prior_structure=prior_structure,
+            val_loader=val_loader,
+            loss=loss,
+            log_prior_prec_min=log_prior_prec_min,
+            log_prior_prec_max=log_prior_prec_max,
+            grid_size=grid_size,
+            link_approx=link_approx,
+            n_samples=n_samples,
+            verbose=verbose,
+            progress_bar=progress_bar,
+            log_prior_prec_base=log_prior_prec_base,
+        )
+
+    def predictive(
+        self,
+        x: torch.Tensor | MutableMapping,
+        pred_type: PredType | str = PredType.GLM,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+    ) -> Any:
+        """Alias of ``__call__`` with the laplace-torch ``predictive`` signature."""
+        return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)

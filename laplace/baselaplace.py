@@ -1,0 +1,6 @@
+"""laplace-torch import path ``laplace.baselaplace`` (re-exports)."""
+
+from laplace.base import BaseLaplace
+from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+
+__all__ = ["BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace"]

@@ -1,0 +1,180 @@
+"""Last-layer Laplace: a posterior over the weights of the last linear layer only,
+the rest of the network a fixed feature map."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.diag import DiagLaplace
+from laplace.parametric.full import FullLaplace
+from laplace.parametric.kron import KronLaplace
+from laplace.utils.enums import FeatureReduction, Likelihood
+from laplace.utils.feature_extractor import FeatureExtractor
+
+__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
+
+
+class LLLaplace(ParametricLaplace):
+    """Base class of last-layer Laplace approximations.
+
+    The model is wrapped in a :class:`FeatureExtractor` around a deep copy, so the
+    user's model is never touched. The last layer is ``last_layer_name`` or, when
+    ``None``, found automatically on the first batch of ``fit``.
+
+    Parameters
+    ----------
+    feature_reduction : FeatureReduction or str, optional
+        Reduce ``(batch, seq, dim)`` features to ``(batch, dim)``:
+        'pick_first', 'pick_last' or 'average'.
+    last_layer_name : str, optional
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        last_layer_name: str | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if asdl_fisher_kwargs is not None:
+            raise ValueError("asdl_fisher_kwargs must be None for last-layer Laplace.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
+        extractor = FeatureExtractor(
+            deepcopy(model),
+            last_layer_name=last_layer_name,
+            enable_backprop=enable_backprop,
+            feature_reduction=feature_reduction,
+        )
+        super().__init__(
+            extractor,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            **kwargs,
+        )
+
+    def _init_params(self) -> None:
+        if self.model.last_layer is None:
+            # found on the first batch of fit()
+            self.params, self.mean, self.H = [], None, None
+            return
+        super()._init_params()
+
+    def _treated_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.last_layer.parameters() if p.requires_grad]
+
+    def _backend_init_kwargs(self) -> dict[str, Any]:
+        return {**super()._backend_init_kwargs(), "last_layer": True}
+
+    def fit(
+        self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
+    ) -> None:
+        if self.model.last_layer is None:
+            X, _ = next(self._batches(train_loader), (None, None))
+            if X is None:
+                raise ValueError("train_loader yielded no batches.")
+            with torch.no_grad():
+                self.model.find_last_layer(X)
+            self._backend = None
+            self._init_params()
+        super().fit(train_loader, override=override, progress_bar=progress_bar)
+
+    def _features(self, X: Any) -> torch.Tensor:
+        with torch.set_grad_enabled(self.enable_backprop):
+            return self.model.forward_with_features(X)[1].to(self._dtype)
+
+    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+        return super()._curv_closure(self._features(X), y, N)
+
+    def _jacobians(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        Js, f = self.backend.last_layer_jacobians(x, enable_backprop=self.enable_backprop)
+        return Js.to(self._dtype), f
+
+    def _nn_function_samples(
+        self, x: Any, n_samples: int, generator: Any, model_kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        return super()._nn_function_samples(
+            self._features(x), n_samples, generator, model_kwargs
+        )
+
+    def _treated_parameter_names(self) -> list[str]:
+        return [n for n, p in self.model.last_layer.named_parameters() if p.requires_grad]
+
+    def _forward_with(
+        self, params: dict[str, torch.Tensor], features: Any, model_kwargs: dict
+    ) -> torch.Tensor:
+        return functional_call(self.model.last_layer, params, (features,))
+
+    def functional_variance_fast(self, X: Any) -> torch.Tensor:
+        """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``."""
+        self._check_fitted()
+        Js, _ = self._jacobians(X)
+        return self._functional_variance_diag(Js)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_layer_name": self.model.last_layer_name}
+
+    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
+        name = state_dict.get("last_layer_name")
+        if self.model.last_layer is None:
+            if name is None:
+                raise ValueError("State dict lacks 'last_layer_name'.")
+            self.model.set_last_layer(name)
+            self._backend = None
+            self._init_params()
+        elif name is not None and name != self.model.last_layer_name:
+            raise ValueError(
+                f"State dict was fitted on last layer {name!r}, this Laplace uses "
+                f"{self.model.last_layer_name!r}."
+            )
+
+
+class FullLLLaplace(LLLaplace, FullLaplace):
+    """Last-layer Laplace with a dense posterior precision."""
+
+    _key = ("last_layer", "full")
+
+
+class KronLLLaplace(LLLaplace, KronLaplace):
+    """Last-layer Laplace with a Kronecker-factored posterior precision."""
+
+    _key = ("last_layer", "kron")
+
+    def __init__(
+        self, model: nn.Module, likelihood: Likelihood | str, *args, damping: bool = False, **kwargs
+    ) -> None:
+        self.damping = damping
+        self.H_facs = None
+        LLLaplace.__init__(self, model, likelihood, *args, **kwargs)
+
+
+class DiagLLLaplace(LLLaplace, DiagLaplace):
+    """Last-layer Laplace with a diagonal posterior precision."""
+
+    _key = ("last_layer", "diag")

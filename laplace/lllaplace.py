@@ -1,0 +1,5 @@
+"""laplace-torch import path ``laplace.lllaplace`` (re-exports)."""
+
+from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+
+__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]

@@ -1,0 +1,60 @@
+"""Diagonal Laplace: a ``(n_params,)`` posterior precision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from laplace.parametric.base import ParametricLaplace
+
+__all__ = ["DiagLaplace"]
+
+
+class DiagLaplace(ParametricLaplace):
+    """Laplace approximation with a diagonal posterior precision
+    ``P = diag(H) / (sigma^2 T) + prior_precision``."""
+
+    _key = ("all", "diag")
+
+    def _init_H(self) -> None:
+        self.H = torch.zeros(self.n_params, device=self._device, dtype=self._dtype)
+
+    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+        loss, H = self.backend.diag(X, y, **self._diag_kwargs())
+        return loss, H.to(self._dtype)
+
+    def _diag_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def posterior_precision(self) -> torch.Tensor:
+        """``(n_params,)``."""
+        self._check_fitted()
+        return self._H_factor * self.H + self.prior_precision_diag
+
+    @property
+    def posterior_scale(self) -> torch.Tensor:
+        """Posterior standard deviations, ``(n_params,)``."""
+        return self.posterior_precision.rsqrt()
+
+    @property
+    def posterior_variance(self) -> torch.Tensor:
+        """Posterior variances, ``(n_params,)``."""
+        return self.posterior_precision.reciprocal()
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        return self.posterior_precision.log().sum()
+
+    def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
+        return (W * self.posterior_variance) @ W.transpose(-1, -2)
+
+    def _functional_variance_diag(self, Js: torch.Tensor) -> torch.Tensor:
+        return (Js.square() * self.posterior_variance).sum(-1)
+
+    def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta @ (self.posterior_precision * delta)
+
+    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
+        return eps * self.posterior_scale

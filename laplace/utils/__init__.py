@@ -1,0 +1,67 @@
+"""Utilities of the laplace-torch ``laplace.utils`` namespace."""
+
+from laplace.utils.data import batch_size, split_batch, to_device
+from laplace.utils.enums import (
+    FeatureReduction,
+    FunctionalApproximation,
+    HessianStructure,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    SubsetOfWeights,
+    TuningMethod,
+)
+from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.linalg import (
+    block_diag,
+    diagonal_add_scalar,
+    invsqrt_precision,
+    kron,
+    symeig,
+)
+from laplace.utils.matrix import Kron, KronDecomposed
+from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
+from laplace.utils.utils import (
+    _is_batchnorm,
+    _is_valid_scalar,
+    expand_prior_precision,
+    fix_prior_prec_structure,
+    get_nll,
+    normal_samples,
+    parameters_per_layer,
+)
+from laplace.utils.validation import validate
+
+__all__ = [
+    "FeatureExtractor",
+    "FeatureReduction",
+    "Kron",
+    "KronDecomposed",
+    "RunningNLLMetric",
+    "RunningMSEMetric",
+    "validate",
+    "get_nll",
+    "parameters_per_layer",
+    "expand_prior_precision",
+    "fix_prior_prec_structure",
+    "normal_samples",
+    "invsqrt_precision",
+    "kron",
+    "diagonal_add_scalar",
+    "symeig",
+    "block_diag",
+    "split_batch",
+    "batch_size",
+    "to_device",
+    "_is_batchnorm",
+    "_is_valid_scalar",
+    "SubsetOfWeights",
+    "HessianStructure",
+    "FunctionalApproximation",
+    "Likelihood",
+    "PredType",
+    "LinkApprox",
+    "TuningMethod",
+    "PriorStructure",
+]

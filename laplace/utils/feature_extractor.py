@@ -1,0 +1,133 @@
+"""Access to the penultimate features of a network for last-layer Laplace."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace.utils.enums import FeatureReduction
+
+__all__ = ["FeatureExtractor", "FeatureReduction"]
+
+
+class FeatureExtractor(nn.Module):
+    """Wrap ``model`` and expose the input of its last layer (the features).
+
+    Hooks are registered only for the duration of a forward pass, so the wrapped
+    model never carries leftover hooks and can be copied or pickled freely.
+
+    Parameters
+    ----------
+    model : nn.Module
+    last_layer_name : str, optional
+        Name of the last layer in ``model.named_modules()``; found automatically on
+        the first forward pass when ``None``.
+    enable_backprop : bool, default=False
+        Keep the features in the autograd graph (e.g. for gradients w.r.t. inputs).
+    feature_reduction : FeatureReduction or str, optional
+        How to reduce features of shape ``(batch, seq, dim)`` to ``(batch, dim)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        last_layer_name: str | None = None,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.enable_backprop = enable_backprop
+        self.feature_reduction = (
+            None
+            if feature_reduction is None
+            else FeatureReduction.parse(feature_reduction, "feature_reduction")
+        )
+        self.last_layer: nn.Module | None = None
+        self.last_layer_name: str | None = None
+        if last_layer_name is not None:
+            self.set_last_layer(last_layer_name)
+
+    def forward(self, x: torch.Tensor | MutableMapping) -> torch.Tensor:
+        if self.last_layer is None:
+            return self.find_last_layer(x)
+        return self.model(x)
+
+    def forward_with_features(
+        self, x: torch.Tensor | MutableMapping
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the model output ``(batch, n_outputs)`` and the features
+        ``(batch, n_features)`` that enter the last layer."""
+        if self.last_layer is None:
+            self.find_last_layer(x)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            captured["features"] = inputs[0]
+
+        handle = self.last_layer.register_forward_pre_hook(hook)
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+        features = captured["features"]
+        if not self.enable_backprop:
+            features = features.detach()
+        return out, self._reduce(features)
+
+    def _reduce(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim <= 2 or self.feature_reduction is None:
+            return features
+        if self.feature_reduction is FeatureReduction.PICK_FIRST:
+            return features[:, 0]
+        if self.feature_reduction is FeatureReduction.PICK_LAST:
+            return features[:, -1]
+        return features.mean(dim=1)
+
+    def set_last_layer(self, last_layer_name: str) -> None:
+        """Use the module called ``last_layer_name`` as the last layer."""
+        modules = dict(self.model.named_modules())
+        if last_layer_name not in modules:
+            raise ValueError(
+                f"Invalid last_layer_name={last_layer_name!r}: no such module in the "
+                f"model; available: {[n for n in modules if n][:20]}."
+            )
+        self.last_layer_name = last_layer_name
+        self.last_layer = modules[last_layer_name]
+
+    def find_last_layer(self, x: torch.Tensor | MutableMapping) -> torch.Tensor:
+        """Run ``model(x)`` and take the last leaf module with parameters that was
+        called as the last layer; return the model output."""
+        called: list[str] = []
+        handles = []
+        for name, module in self.model.named_modules():
+            if next(module.children(), None) is None and any(
+                True for _ in module.parameters(recurse=False)
+            ):
+                handles.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, _i, name=name: called.append(name)
+                    )
+                )
+        try:
+            with torch.set_grad_enabled(self.enable_backprop):
+                out = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not called:
+            raise ValueError(
+                "The model has no leaf module with parameters that could serve as the "
+                "last layer; pass last_layer_name explicitly."
+            )
+        self.set_last_layer(called[-1])
+        if not isinstance(self.last_layer, nn.Linear):
+            raise ValueError(
+                f"The automatically found last layer {called[-1]!r} is a "
+                f"{type(self.last_layer).__name__}, but last-layer Laplace needs an "
+                "nn.Linear; pass last_layer_name to choose it."
+            )
+        return out

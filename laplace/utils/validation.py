@@ -1,0 +1,59 @@
+"""Scoring a fitted Laplace approximation on held-out data (used by gridsearch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from laplace.utils.data import split_batch, to_device
+
+
+def _is_running_metric(loss: Any) -> bool:
+    return all(hasattr(loss, name) for name in ("update", "compute", "reset"))
+
+
+@torch.no_grad()
+def validate(
+    laplace: Any,
+    val_loader: Iterable,
+    loss: Callable | Any,
+    pred_type: str = "glm",
+    link_approx: str = "probit",
+    n_samples: int = 100,
+    dict_key_y: str = "labels",
+) -> float:
+    """Score ``laplace`` on ``val_loader`` with ``loss`` (lower is better).
+
+    ``loss`` is either a running metric with ``update``/``compute``/``reset`` (e.g.
+    :class:`~laplace.utils.metrics.RunningNLLMetric` or a torchmetrics ``Metric``),
+    updated with the predicted probabilities (classification) or predictive means
+    (regression) and the targets; or a callable applied once to all predictions:
+    ``loss(probs, targets)`` for classification and
+    ``loss(means, variances, targets)`` for regression.
+    """
+    running = _is_running_metric(loss)
+    if running:
+        loss.reset()
+    means, variances, targets = [], [], []
+    dict_key_x = getattr(laplace, "dict_key_x", "input_ids")
+    for batch in val_loader:
+        X, y = split_batch(batch, dict_key_x, dict_key_y)
+        X, y = to_device(X, laplace._device), y.to(laplace._device)
+        out = laplace(X, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
+        mean, var = out if isinstance(out, tuple) else (out, None)
+        if running:
+            loss.update(mean, y.reshape(mean.shape) if var is not None else y)
+        else:
+            means.append(mean)
+            variances.append(var)
+            targets.append(y)
+    if running:
+        return float(loss.compute())
+    if not means:
+        raise ValueError("val_loader is empty.")
+    mean, target = torch.cat(means), torch.cat(targets)
+    if variances[0] is None:
+        return float(loss(mean, target))
+    return float(loss(mean, torch.cat(variances), target.reshape(mean.shape)))
