@@ -49,17 +49,25 @@ def main() -> None:
 
     results = {}
     for subset, structure in [("all", "full"), ("last_layer", "kron")]:
-        la = Laplace(model, "regression", subset_of_weights=subset, hessian_structure=structure)
+        la = Laplace(
+            model, "regression", subset_of_weights=subset, hessian_structure=structure
+        )
         la.fit(loader)
         # tune prior precision and observation noise jointly on the marginal likelihood
-        log_prior, log_sigma = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+        log_prior, log_sigma = (
+            torch.zeros(1, requires_grad=True),
+            torch.zeros(1, requires_grad=True),
+        )
         optimizer = torch.optim.Adam([log_prior, log_sigma], lr=1e-1)
         for _ in range(300):
             optimizer.zero_grad()
             neg_marglik = -la.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
             neg_marglik.backward()
             optimizer.step()
-        la.prior_precision, la.sigma_noise = log_prior.detach().exp(), log_sigma.detach().exp()
+        la.prior_precision, la.sigma_noise = (
+            log_prior.detach().exp(),
+            log_sigma.detach().exp(),
+        )
         f_mu, f_var = la(X_test)
         pred_std = (f_var.squeeze() + la.sigma_noise**2).sqrt()
         marglik = la.log_marginal_likelihood().item()
@@ -77,9 +85,13 @@ def main() -> None:
 
     from laplace.utils.plotting import plot_regression_band
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), sharey=True)
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(5 * len(results), 3.6), sharey=True
+    )
     for ax, (name, (mean, std, marglik)) in zip(axes, results.items()):
-        plot_regression_band(X, y, X_test, mean, std, ax=ax, title=f"{name}  (log ML {marglik:.1f})")
+        plot_regression_band(
+            X, y, X_test, mean, std, ax=ax, title=f"{name}  (log ML {marglik:.1f})"
+        )
         ax.set_ylim(-3, 3)
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)

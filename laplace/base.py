@@ -325,4 +325,6 @@ class BaseLaplace:
         n_samples: int = 100,
     ) -> Any:
         """Alias of ``__call__`` with the laplace-torch ``predictive`` signature."""
-        return self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
+        return self(
+            x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
+        )

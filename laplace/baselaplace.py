@@ -3,4 +3,10 @@
 from laplace.base import BaseLaplace
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 
-__all__ = ["BaseLaplace", "ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace"]
+__all__ = [
+    "BaseLaplace",
+    "ParametricLaplace",
+    "FullLaplace",
+    "KronLaplace",
+    "DiagLaplace",
+]

@@ -43,7 +43,8 @@ def Laplace(
     subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.LAST_LAYER,
     hessian_structure: HessianStructure | str = HessianStructure.KRON,
     *args: Any,
-    functional_approximation: FunctionalApproximation | str = FunctionalApproximation.SOD,
+    functional_approximation: FunctionalApproximation
+    | str = FunctionalApproximation.SOD,
     **kwargs: Any,
 ) -> BaseLaplace:
     """Create a Laplace approximation of ``model``.
@@ -85,7 +86,9 @@ def Laplace(
     else:
         key = (subset.value, structure.value)
     if key not in registry:
-        available = sorted(k for k in registry if k[1] not in ("nystrom", "variational"))
+        available = sorted(
+            k for k in registry if k[1] not in ("nystrom", "variational")
+        )
         raise ValueError(
             f"No Laplace approximation for subset_of_weights={subset.value!r} and "
             f"hessian_structure={structure.value!r}; available combinations: "

@@ -109,11 +109,15 @@ class LLLaplace(ParametricLaplace):
         with torch.set_grad_enabled(self.enable_backprop):
             return self.model.forward_with_features(X)[1].to(self._dtype)
 
-    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
         return super()._curv_closure(self._features(X), y, N)
 
     def _jacobians(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        Js, f = self.backend.last_layer_jacobians(x, enable_backprop=self.enable_backprop)
+        Js, f = self.backend.last_layer_jacobians(
+            x, enable_backprop=self.enable_backprop
+        )
         return Js.to(self._dtype), f
 
     def _nn_function_samples(
@@ -124,7 +128,9 @@ class LLLaplace(ParametricLaplace):
         )
 
     def _treated_parameter_names(self) -> list[str]:
-        return [n for n, p in self.model.last_layer.named_parameters() if p.requires_grad]
+        return [
+            n for n, p in self.model.last_layer.named_parameters() if p.requires_grad
+        ]
 
     def _forward_with(
         self, params: dict[str, torch.Tensor], features: Any, model_kwargs: dict
@@ -167,7 +173,12 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     _key = ("last_layer", "kron")
 
     def __init__(
-        self, model: nn.Module, likelihood: Likelihood | str, *args, damping: bool = False, **kwargs
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        *args,
+        damping: bool = False,
+        **kwargs,
     ) -> None:
         self.damping = damping
         self.H_facs = None

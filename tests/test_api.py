@@ -1,8 +1,6 @@
 """Public API contract: factory routing, argument validation, serialization,
 dict-like batches, frozen parameters, the user's model left untouched."""
 
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -88,8 +86,9 @@ def test_reexported_import_paths():
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
-    args = dict(likelihood="classification", subset_of_weights="all",
-                hessian_structure="full")
+    args = dict(
+        likelihood="classification", subset_of_weights="all", hessian_structure="full"
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         Laplace(net(), **args)
@@ -214,8 +213,10 @@ def test_dict_like_batches_equal_tuple_batches(key):
     la_tuple = Laplace(model.body, "classification", *key)
     la_tuple.fit(loader)
     torch.testing.assert_close(
-        la_dict.log_marginal_likelihood(), la_tuple.log_marginal_likelihood(),
-        rtol=1e-10, atol=0,
+        la_dict.log_marginal_likelihood(),
+        la_tuple.log_marginal_likelihood(),
+        rtol=1e-10,
+        atol=0,
     )
     probs = la_dict({"input_ids": X[:4]})
     torch.testing.assert_close(probs, la_tuple(X[:4]), rtol=1e-10, atol=0)
@@ -240,7 +241,12 @@ def test_model_mode_and_parameters_untouched():
     for key in ROUTES:
         la = Laplace(model, "classification", *key)
         la.fit(cls_loader())
-        la(torch.randn(2, 4, dtype=torch.float64), pred_type="nn", link_approx="mc", n_samples=3)
+        la(
+            torch.randn(2, 4, dtype=torch.float64),
+            pred_type="nn",
+            link_approx="mc",
+            n_samples=3,
+        )
         la.optimize_prior_precision(n_steps=3)
     assert model.training and all(m.training for m in model.modules())
     for b, p in zip(before, model.parameters()):
@@ -253,8 +259,13 @@ def test_gridsearch_picks_the_best_grid_point():
     la = Laplace(net(), "classification", "last_layer", "diag")
     la.fit(loader)
     val = cls_loader(n=20, seed=4)
-    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=7,
-                                log_prior_prec_min=-2, log_prior_prec_max=2)
+    la.optimize_prior_precision(
+        method="gridsearch",
+        val_loader=val,
+        grid_size=7,
+        log_prior_prec_min=-2,
+        log_prior_prec_max=2,
+    )
     chosen = la.prior_precision.clone()
     scores = {}
     for p in torch.logspace(-2, 2, 7):

@@ -50,10 +50,18 @@ def log_evidence(Phi, y, alpha, sigma):
 def fitted(cls_or_key, model, X, y, alpha, sigma, batch_size=16, **kw):
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size)
     if isinstance(cls_or_key, tuple):
-        la = Laplace(model, "regression", *cls_or_key, sigma_noise=sigma,
-                     prior_precision=alpha, **kw)
+        la = Laplace(
+            model,
+            "regression",
+            *cls_or_key,
+            sigma_noise=sigma,
+            prior_precision=alpha,
+            **kw,
+        )
     else:
-        la = cls_or_key(model, "regression", sigma_noise=sigma, prior_precision=alpha, **kw)
+        la = cls_or_key(
+            model, "regression", sigma_noise=sigma, prior_precision=alpha, **kw
+        )
     la.fit(loader)
     return la
 
@@ -80,7 +88,9 @@ def test_log_marginal_likelihood_exact(key, bias):
     model, X, y, Phi, P, alpha, sigma = blr_problem(bias)
     la = fitted(key, model, X, y, alpha, sigma)
     expected = log_evidence(Phi, y, alpha, sigma)
-    torch.testing.assert_close(la.log_marginal_likelihood(), expected, rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), expected, rtol=RTOL, atol=0
+    )
 
 
 @pytest.mark.parametrize("key,bias", EXACT)
@@ -113,7 +123,9 @@ def test_diag_laplace_matches_diagonal_of_exact_precision():
         sigma * math.sqrt(2 * math.pi)
     )
     expected = loglik - 0.5 * (logdet - P.shape[0] * math.log(alpha) + scatter)
-    torch.testing.assert_close(la.log_marginal_likelihood(), expected, rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(), expected, rtol=RTOL, atol=0
+    )
 
 
 @pytest.mark.parametrize("cls", [FullLaplace, KronLaplace, DiagLaplace, FullLLLaplace])
@@ -148,7 +160,10 @@ def test_override_false_accumulates_like_one_fit():
         la.fit(DataLoader(TensorDataset(X[25:], y[25:]), batch_size=8), override=False)
         assert la.n_data == N
         torch.testing.assert_close(
-            la.log_marginal_likelihood(), la_all.log_marginal_likelihood(), rtol=RTOL, atol=0
+            la.log_marginal_likelihood(),
+            la_all.log_marginal_likelihood(),
+            rtol=RTOL,
+            atol=0,
         )
 
 

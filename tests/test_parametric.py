@@ -83,7 +83,9 @@ def test_posterior_and_glm_against_dense(likelihood, n_out, subset, structure):
     P = ggn / (sigma**2 * 0.9) + prior * torch.eye(len(ggn))
     if structure == "diag":
         P = torch.diag(P.diagonal())
-        torch.testing.assert_close(la.posterior_precision, P.diagonal(), rtol=RTOL, atol=1e-12)
+        torch.testing.assert_close(
+            la.posterior_precision, P.diagonal(), rtol=RTOL, atol=1e-12
+        )
     else:
         torch.testing.assert_close(la.posterior_precision, P, rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(
@@ -94,9 +96,9 @@ def test_posterior_and_glm_against_dense(likelihood, n_out, subset, structure):
     if likelihood == "classification":
         loglik = -nn.functional.cross_entropy(f, y, reduction="sum") / 0.9
     else:
-        loglik = -0.5 * (f - y).square().sum() / (sigma**2 * 0.9) - len(X) * n_out * math.log(
-            sigma * math.sqrt(2 * math.pi)
-        )
+        loglik = -0.5 * (f - y).square().sum() / (sigma**2 * 0.9) - len(
+            X
+        ) * n_out * math.log(sigma * math.sqrt(2 * math.pi))
     torch.testing.assert_close(la.log_likelihood, loglik, rtol=RTOL, atol=0)
 
     X_test = torch.randn(5, 2, dtype=torch.float64)
@@ -110,7 +112,10 @@ def test_posterior_and_glm_against_dense(likelihood, n_out, subset, structure):
     else:
         kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
         torch.testing.assert_close(
-            la(X_test, link_approx="probit"), torch.softmax(kappa * f_mu, -1), rtol=RTOL, atol=0
+            la(X_test, link_approx="probit"),
+            torch.softmax(kappa * f_mu, -1),
+            rtol=RTOL,
+            atol=0,
         )
         # MC link with a fixed generator: reproducible and an unbiased estimate
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -134,8 +139,13 @@ def test_kron_posterior_matches_kfac_dense():
     torch.kron from per-layer input and output-gradient covariances."""
     model = tiny_net(1)
     X, y = data("regression", 1)
-    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron",
-                 prior_precision=0.5)
+    la = Laplace(
+        model,
+        "regression",
+        subset_of_weights="all",
+        hessian_structure="kron",
+        prior_precision=0.5,
+    )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=7))
     # dense KFAC: per layer A = mean(a a^T), G = sum(g g^T) with g = df/ds (1 output)
     h = torch.tanh(model[0](X)).detach()
@@ -147,7 +157,9 @@ def test_kron_posterior_matches_kfac_dense():
         G = g.T @ g
         blocks += [torch.kron(G, A), G]
     expected = torch.block_diag(*blocks) + 0.5 * torch.eye(la.n_params)
-    torch.testing.assert_close(la.posterior_precision.to_matrix(), expected, rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(
+        la.posterior_precision.to_matrix(), expected, rtol=RTOL, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
@@ -155,8 +167,13 @@ def test_kron_posterior_matches_kfac_dense():
 def test_weight_samples_have_posterior_covariance(structure, subset):
     model = tiny_net(2)
     X, y = data("classification", 2)
-    la = Laplace(model, "classification", subset_of_weights=subset,
-                 hessian_structure=structure, prior_precision=2.0)
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=2.0,
+    )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     gen = torch.Generator().manual_seed(0)
     samples = la.sample(200000, generator=gen)
@@ -168,9 +185,16 @@ def test_weight_samples_have_posterior_covariance(structure, subset):
     cov = torch.linalg.inv(dense_P)
     # Monte Carlo with 2e5 samples: standard error of a covariance entry is about
     # sqrt(2/2e5) * var ~ 3e-3 * var; allow 5 standard errors
-    torch.testing.assert_close(samples.mean(0), la.mean, rtol=0, atol=5 * 3e-3 * cov.diagonal().max().sqrt().item())
+    torch.testing.assert_close(
+        samples.mean(0),
+        la.mean,
+        rtol=0,
+        atol=5 * 3e-3 * cov.diagonal().max().sqrt().item(),
+    )
     emp = torch.cov(samples.T)
-    torch.testing.assert_close(emp, cov, rtol=0, atol=5 * 3e-3 * cov.diagonal().max().item())
+    torch.testing.assert_close(
+        emp, cov, rtol=0, atol=5 * 3e-3 * cov.diagonal().max().item()
+    )
     same = la.sample(10, generator=torch.Generator().manual_seed(5))
     again = la.sample(10, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(same, again, rtol=0, atol=0)
@@ -180,8 +204,13 @@ def test_weight_samples_have_posterior_covariance(structure, subset):
 def test_nn_predictive_uses_weight_samples(likelihood, n_out):
     model = tiny_net(n_out)
     X, y = data(likelihood, n_out)
-    la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure="full",
-                 prior_precision=3.0)
+    la = Laplace(
+        model,
+        likelihood,
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=3.0,
+    )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     X_test = torch.randn(4, 2, dtype=torch.float64)
     thetas = la.sample(50, generator=torch.Generator().manual_seed(1))
@@ -192,15 +221,23 @@ def test_nn_predictive_uses_weight_samples(likelihood, n_out):
         params = {n: c.view_as(p) for n, c, p in zip(names, chunks, model.parameters())}
         outs.append(functional_call(model, params, (X_test,)))
     outs = torch.stack(outs).detach()
-    out = la(X_test, pred_type="nn", link_approx="mc", n_samples=50,
-             generator=torch.Generator().manual_seed(1))
+    out = la(
+        X_test,
+        pred_type="nn",
+        link_approx="mc",
+        n_samples=50,
+        generator=torch.Generator().manual_seed(1),
+    )
     if likelihood == "classification":
-        torch.testing.assert_close(out, torch.softmax(outs, -1).mean(0), rtol=RTOL, atol=0)
+        torch.testing.assert_close(
+            out, torch.softmax(outs, -1).mean(0), rtol=RTOL, atol=0
+        )
     else:
         torch.testing.assert_close(out[0], outs.mean(0), rtol=RTOL, atol=0)
         torch.testing.assert_close(out[1], outs.var(0), rtol=RTOL, atol=0)
-    fs = la.functional_samples(X_test, pred_type="nn", n_samples=50,
-                               generator=torch.Generator().manual_seed(1))
+    fs = la.functional_samples(
+        X_test, pred_type="nn", n_samples=50, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(fs, outs, rtol=RTOL, atol=0)
     # the user's model is untouched by sampling
     torch.testing.assert_close(
@@ -215,9 +252,13 @@ def test_glm_functional_samples_moments():
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     X_test = torch.randn(3, 2, dtype=torch.float64)
     f_mu, f_var = la(X_test)
-    fs = la.functional_samples(X_test, n_samples=100000, generator=torch.Generator().manual_seed(0))
+    fs = la.functional_samples(
+        X_test, n_samples=100000, generator=torch.Generator().manual_seed(0)
+    )
     assert fs.shape == (100000, 3, 2)
     scale = f_var.diagonal(dim1=1, dim2=2).max().item()
-    torch.testing.assert_close(fs.mean(0), f_mu, rtol=0, atol=5 * math.sqrt(scale / 1e5))
+    torch.testing.assert_close(
+        fs.mean(0), f_mu, rtol=0, atol=5 * math.sqrt(scale / 1e5)
+    )
     emp = torch.einsum("sbi,sbj->bij", fs - f_mu, fs - f_mu) / 1e5
     torch.testing.assert_close(emp, f_var, rtol=0, atol=5 * scale * math.sqrt(2 / 1e5))

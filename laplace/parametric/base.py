@@ -191,7 +191,9 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
     def _init_H(self) -> None:
         raise NotImplementedError
 
-    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
     # ---- marginal likelihood ------------------------------------------------------

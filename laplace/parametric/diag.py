@@ -20,7 +20,9 @@ class DiagLaplace(ParametricLaplace):
     def _init_H(self) -> None:
         self.H = torch.zeros(self.n_params, device=self._device, dtype=self._dtype)
 
-    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
         loss, H = self.backend.diag(X, y, **self._diag_kwargs())
         return loss, H.to(self._dtype)
 

@@ -26,7 +26,9 @@ class FullLaplace(ParametricLaplace):
             self.n_params, self.n_params, device=self._device, dtype=self._dtype
         )
 
-    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
         loss, H = self.backend.full(X, y)
         return loss, H.to(self._dtype)
 

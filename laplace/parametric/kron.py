@@ -72,7 +72,9 @@ class KronLaplace(ParametricLaplace):
         self.H = Kron.init_from_model(self.params, self._device, self._dtype)
         self.H_facs = None
 
-    def _curv_closure(self, X: Any, y: torch.Tensor, N: int) -> tuple[torch.Tensor, Any]:
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
         return self.backend.kron(X, y, N=N)
 
     def _before_accumulate(self, n_new: int) -> None:

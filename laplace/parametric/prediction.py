@@ -41,14 +41,21 @@ class ParametricPredictionMixin:
             raise ValueError(
                 f"pred_type='nn' needs link_approx='mc'; got {link_approx.value!r}."
             )
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer; got {n_samples!r}.")
+        if (
+            isinstance(n_samples, bool)
+            or not isinstance(n_samples, int)
+            or n_samples < 1
+        ):
+            raise ValueError(
+                f"n_samples must be a positive integer; got {n_samples!r}."
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"generator must be a torch.Generator or None; got {type(generator)}."
             )
         if joint and (
-            pred_type is not PredType.GLM or self.likelihood is not Likelihood.REGRESSION
+            pred_type is not PredType.GLM
+            or self.likelihood is not Likelihood.REGRESSION
         ):
             raise ValueError(
                 "joint=True is only available for pred_type='glm' and regression."
@@ -85,7 +92,9 @@ class ParametricPredictionMixin:
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             if pred_type is PredType.NN:
-                samples = self._nn_function_samples(x, n_samples, generator, model_kwargs)
+                samples = self._nn_function_samples(
+                    x, n_samples, generator, model_kwargs
+                )
                 if self.likelihood is Likelihood.CLASSIFICATION:
                     return torch.softmax(samples, dim=-1).mean(0)
                 return samples.mean(0), samples.var(0)

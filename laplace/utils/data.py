@@ -51,7 +51,10 @@ def to_device(X: Any, device: torch.device) -> Any:
         return X.to(device)
     if isinstance(X, MutableMapping):
         return type(X)(
-            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in X.items()}
+            {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in X.items()
+            }
         )
     return X
 

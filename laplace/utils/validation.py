@@ -41,7 +41,9 @@ def validate(
     for batch in val_loader:
         X, y = split_batch(batch, dict_key_x, dict_key_y)
         X, y = to_device(X, laplace._device), y.to(laplace._device)
-        out = laplace(X, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
+        out = laplace(
+            X, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
+        )
         mean, var = out if isinstance(out, tuple) else (out, None)
         if running:
             loss.update(mean, y.reshape(mean.shape) if var is not None else y)
