@@ -14,7 +14,9 @@ Drop-in compatible with the public API of laplace-torch 0.3::
 from laplace.base import BaseLaplace, NotFittedError
 from laplace.factory import Laplace
 from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+from laplace.lowrank import LowRankLaplace
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
     HessianStructure,
@@ -35,10 +37,14 @@ __all__ = [
     "FullLaplace",
     "KronLaplace",
     "DiagLaplace",
+    "LowRankLaplace",
     "LLLaplace",
     "FullLLLaplace",
     "KronLLLaplace",
     "DiagLLLaplace",
+    "SubnetLaplace",
+    "FullSubnetLaplace",
+    "DiagSubnetLaplace",
     "NotFittedError",
     "SubsetOfWeights",
     "HessianStructure",

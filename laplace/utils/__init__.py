@@ -22,6 +22,18 @@ from laplace.utils.linalg import (
 )
 from laplace.utils.matrix import Kron, KronDecomposed
 from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
+from laplace.utils.subnetmask import (
+    LargestMagnitudeSubnetMask,
+    LargestVarianceDiagLaplaceSubnetMask,
+    LargestVarianceSWAGSubnetMask,
+    LastLayerSubnetMask,
+    ModuleNameSubnetMask,
+    ParamNameSubnetMask,
+    RandomSubnetMask,
+    ScoreBasedSubnetMask,
+    SubnetMask,
+)
+from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.utils import (
     _is_batchnorm,
     _is_valid_scalar,
@@ -34,6 +46,16 @@ from laplace.utils.utils import (
 from laplace.utils.validation import validate
 
 __all__ = [
+    "SubnetMask",
+    "ScoreBasedSubnetMask",
+    "RandomSubnetMask",
+    "LargestMagnitudeSubnetMask",
+    "LargestVarianceDiagLaplaceSubnetMask",
+    "LargestVarianceSWAGSubnetMask",
+    "ParamNameSubnetMask",
+    "ModuleNameSubnetMask",
+    "LastLayerSubnetMask",
+    "fit_diagonal_swag_var",
     "FeatureExtractor",
     "FeatureReduction",
     "Kron",

@@ -1,0 +1,288 @@
+"""Low-rank Laplace: the curvature replaced by its top-k eigenpairs.
+
+``P = U diag(c lambda) U^T + diag(p0)`` with ``U`` `(P, k)` the leading
+eigenvectors of the data set's curvature (GGN by default), ``c = _H_factor``
+and ``p0`` the prior precision.  With ``B = U diag(sqrt(c lambda))`` and
+``D = diag(1 / p0)`` every quantity goes through the `(k, k)` matrix
+``K = I + B^T D B``:
+
+* covariance (Woodbury): ``Sigma = D - V K^{-1} V^T`` with ``V = D B``,
+* log-determinant (determinant lemma): ``log det P = sum log p0 + log det K``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import nn
+
+from laplace.base import eval_mode
+from laplace.curvature.curvlinops import CurvlinopsInterface
+from laplace.parametric.base import ParametricLaplace
+from laplace.utils.enums import Likelihood
+from laplace.utils.linalg import symeig
+
+__all__ = ["LowRankLaplace"]
+
+_DEFAULT_RANK = 10
+# Identity columns per dense operator product (bounds curvlinops' memory).
+_MATMAT_CHUNK = 256
+
+
+class LowRankLaplace(ParametricLaplace):
+    """Laplace approximation with a low-rank plus diagonal posterior precision.
+
+    The top-k eigenpairs of the curvature summed over the training data are
+    found matrix-free by Lanczos (ARPACK's ``eigsh``) on curvature-vector
+    products of a curvlinops backend; when ``k`` is at least half the number of
+    parameters the dense curvature is cheaper and is decomposed exactly.
+    Negative eigenvalues (round-off, or a Hessian backend) are clamped to 0.
+
+    Parameters
+    ----------
+    backend : CurvlinopsInterface subclass, optional
+        ``CurvlinopsGGN`` (default), ``CurvlinopsEF`` or ``CurvlinopsHessian``.
+    backend_kwargs : dict, optional
+        ``low_rank`` (int, default 10, capped at the number of parameters) sets
+        the rank; the other entries go to the backend.
+
+    Other parameters as in :class:`~laplace.BaseLaplace`.  The batches of the
+    training data are kept in memory until the eigendecomposition at the end of
+    :meth:`fit` is done.
+    """
+
+    _key = ("all", "lowrank")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        backend: type | None = None,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if backend is not None and not (
+            isinstance(backend, type) and issubclass(backend, CurvlinopsInterface)
+        ):
+            raise ValueError(
+                "LowRankLaplace needs curvature-vector products from a curvlinops "
+                "backend (CurvlinopsGGN, CurvlinopsEF or CurvlinopsHessian); got "
+                f"backend={backend!r}."
+            )
+        rank = (backend_kwargs or {}).get("low_rank", _DEFAULT_RANK)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(
+                f"backend_kwargs['low_rank'] must be a positive int; got {rank!r}."
+            )
+        self.low_rank = rank
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+
+    def _backend_init_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._backend_init_kwargs()
+        kwargs.pop("low_rank", None)
+        return kwargs
+
+    # ---- fit: collect per-batch operators, decompose their sum at the end ----------
+    def fit(
+        self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
+    ) -> None:
+        """Fit on ``train_loader``; see :meth:`ParametricLaplace.fit`.
+
+        ``override=False`` is not supported: the top-k eigenpairs of two data sets
+        do not give those of their union.
+        """
+        if not override:
+            raise ValueError(
+                "LowRankLaplace does not support fit(..., override=False): top-k "
+                "eigenpairs of old and new curvature cannot be combined; refit on all "
+                "data with override=True."
+            )
+        super().fit(train_loader, override=True, progress_bar=progress_bar)
+
+    def _init_H(self) -> None:
+        # (operator, scale) per batch until _after_fit replaces them by eigenpairs
+        self.H = []
+
+    def _curv_closure(
+        self, X: Any, y: torch.Tensor, N: int
+    ) -> tuple[torch.Tensor, Any]:
+        backend = self.backend
+        y = backend._targets(y)
+        op, scale = backend._operator(X, y)
+        return backend._forward_loss(X, y), [(op, scale)]
+
+    def _curvature_is_finite(self) -> bool:
+        # checked on the eigenpairs in _after_fit
+        return True
+
+    def _after_fit(self) -> None:
+        if isinstance(self.H, list):
+            with eval_mode(self.model), torch.enable_grad():
+                self.H = self._top_eigenpairs(self.H)
+        U, eigenvalues = self.H
+        if not (torch.isfinite(U).all() and torch.isfinite(eigenvalues).all()):
+            raise ValueError(
+                "The curvature eigenpairs contain NaN or Inf; check the data for "
+                "NaN/Inf and the model for divergence."
+            )
+        self._woodbury_cache = None
+
+    def _top_eigenpairs(self, ops: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvectors `(P, k)` and eigenvalues `(k,)`, descending, of the summed
+        per-batch curvature."""
+        ref = self.params[0]
+
+        def matmat(V: torch.Tensor) -> torch.Tensor:
+            V = V.to(ref.device, ref.dtype)
+            return sum(scale * (op @ V) for op, scale in ops).detach()
+
+        n, k = self.n_params, min(self.low_rank, self.n_params)
+        if 2 * k >= n:
+            evals, evecs = _dense_eigh(matmat, n, ref)
+        else:
+            evals, evecs = _lanczos(matmat, n, k, ref)
+        order = evals.argsort(descending=True)[:k]
+        return (
+            evecs[:, order].to(self._device, self._dtype),
+            evals[order].clamp_min(0).to(self._device, self._dtype),
+        )
+
+    # ---- Woodbury pieces ---------------------------------------------------------------
+    def _hyperparameters_changed(self) -> None:
+        self._woodbury_cache = None
+
+    def _woodbury(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prior variances ``d`` `(P,)`, ``V = D B`` `(P, k)` and the Cholesky
+        factor `(k, k)` of ``K = I + B^T D B``."""
+        self._check_fitted()
+        needs_graph = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.prior_precision, self.sigma_noise)
+        )
+        if self._woodbury_cache is not None and not needs_graph:
+            return self._woodbury_cache
+        U, eigenvalues = self.H
+        d = self.prior_precision_diag.reciprocal()
+        B = U * (self._H_factor * eigenvalues).sqrt()
+        V = d.unsqueeze(-1) * B
+        K = B.T @ V
+        K.diagonal().add_(1.0)
+        pieces = (d, V, torch.linalg.cholesky(K))
+        if not needs_graph:
+            self._woodbury_cache = tuple(t.detach() for t in pieces)
+        return pieces
+
+    @property
+    def V(self) -> torch.Tensor:
+        """``D U diag(sqrt(c lambda))``, `(n_params, k)`: ``Sigma = D - V Kinv V^T``."""
+        return self._woodbury()[1]
+
+    @property
+    def Kinv(self) -> torch.Tensor:
+        """``(I_k + V^T diag(p0) V)^{-1}`` (= ``(I_k + B^T D B)^{-1}``), `(k, k)`:
+        the inner inverse of the Woodbury identity."""
+        return torch.cholesky_inverse(self._woodbury()[2])
+
+    @property
+    def posterior_precision(
+        self,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``((U, c * lambda), prior_precision_diag)``: eigenvectors `(P, k)`,
+        eigenvalues scaled by ``_H_factor`` `(k,)` and the prior `(P,)`, so that
+        ``P = U diag(c lambda) U^T + diag(prior_precision_diag)``."""
+        self._check_fitted()
+        U, eigenvalues = self.H
+        return (U, self._H_factor * eigenvalues), self.prior_precision_diag
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        L = self._woodbury()[2]
+        return self.log_det_prior_precision + 2 * L.diagonal().log().sum()
+
+    def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
+        d, V, L = self._woodbury()
+        prior_part = (W * d) @ W.transpose(-1, -2)
+        # (W V) K^{-1} (W V)^T = Z^T Z with Z = L^{-1} (W V)^T
+        Z = torch.linalg.solve_triangular(L, (W @ V).transpose(-1, -2), upper=False)
+        return prior_part - Z.transpose(-1, -2) @ Z
+
+    def _functional_variance_diag(self, Js: torch.Tensor) -> torch.Tensor:
+        d, V, L = self._woodbury()
+        Z = torch.linalg.solve_triangular(L, (Js @ V).transpose(-1, -2), upper=False)
+        return (Js.square() * d).sum(-1) - Z.square().sum(-2)
+
+    def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
+        U, eigenvalues = self.H
+        proj = delta @ U
+        return delta @ (self.prior_precision_diag * delta) + self._H_factor * (
+            proj.square() * eigenvalues
+        ).sum(-1)
+
+    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
+        # Sigma = D^{1/2} (I + A A^T)^{-1} D^{1/2} with A = D^{1/2} B; with the thin
+        # SVD A = Q S R^T its symmetric root is I + Q ((1 + S^2)^{-1/2} - 1) Q^T.
+        d, V, _ = self._woodbury()
+        sqrt_d = d.sqrt()
+        Q, S, _ = torch.linalg.svd(V / sqrt_d.unsqueeze(-1), full_matrices=False)
+        shrink = (1 + S.square()).rsqrt() - 1
+        return sqrt_d * (eps + ((eps @ Q) * shrink) @ Q.T)
+
+    # ---- serialization ---------------------------------------------------------------
+    def _H_state(self) -> Any:
+        U, eigenvalues = self.H
+        return {"eigenvectors": U, "eigenvalues": eigenvalues}
+
+    def _load_H_state(self, state: Any) -> None:
+        self.H = (
+            state["eigenvectors"].to(self._device, self._dtype),
+            state["eigenvalues"].to(self._device, self._dtype),
+        )
+
+
+def _dense_eigh(
+    matmat: Callable[[torch.Tensor], torch.Tensor], n: int, ref: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs of the `(n, n)` operator, formed densely."""
+    eye = torch.eye(n, device=ref.device, dtype=ref.dtype)
+    H = torch.cat([matmat(cols) for cols in eye.split(_MATMAT_CHUNK, dim=1)], dim=1)
+    return symeig(0.5 * (H + H.T))
+
+
+def _lanczos(
+    matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, ref: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenpairs by implicitly restarted Lanczos (ARPACK)."""
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        V = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64).reshape(n, -1))
+        out = matmat(V).to("cpu", torch.float64).numpy()
+        return out.reshape(v.shape)
+
+    op = LinearOperator((n, n), matvec=apply, matmat=apply, dtype=np.float64)
+    # fixed start vector: reproducible fits
+    v0 = np.random.default_rng(0).standard_normal(n)
+    # products in lower precision cannot reach float64 residuals
+    tol = 0.0 if ref.dtype == torch.float64 else torch.finfo(ref.dtype).eps ** 0.5
+    evals, evecs = eigsh(op, k=k, which="LA", v0=v0, tol=tol)
+    return torch.from_numpy(evals), torch.from_numpy(evecs)

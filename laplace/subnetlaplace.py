@@ -1,0 +1,239 @@
+"""Subnetwork Laplace: a Gaussian over a chosen subset of the weights, the rest
+fixed at the MAP (Daxberger et al., 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace.curvature.curvature import EFInterface, GGNInterface
+from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.diag import DiagLaplace
+from laplace.parametric.full import FullLaplace
+from laplace.utils.enums import Likelihood
+from laplace.utils.utils import trainable_parameters
+
+__all__ = [
+    "SubnetLaplace",
+    "FullSubnetLaplace",
+    "DiagSubnetLaplace",
+    "check_subnetwork_indices",
+]
+
+
+def check_subnetwork_indices(indices: Any, n_params: int) -> torch.LongTensor:
+    """Validate subnetwork indices into a flattened vector of ``n_params`` entries.
+
+    Returns
+    -------
+    LongTensor
+        ``indices`` as `(K,)` int64, order kept.
+
+    Raises
+    ------
+    ValueError
+        Unless ``indices`` is a non-empty 1-d integer tensor of distinct values in
+        ``[0, n_params)``.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(
+            "subnetwork_indices must be a torch.LongTensor; got "
+            f"{type(indices).__name__}."
+        )
+    if (
+        indices.dtype == torch.bool
+        or indices.is_floating_point()
+        or indices.is_complex()
+    ):
+        raise ValueError(
+            f"subnetwork_indices must have an integer dtype; got {indices.dtype} "
+            "(turn a boolean mask into indices with mask.nonzero().flatten())."
+        )
+    if indices.ndim != 1:
+        raise ValueError(
+            f"subnetwork_indices must be 1-d; got shape {tuple(indices.shape)}."
+        )
+    if indices.numel() == 0:
+        raise ValueError("subnetwork_indices must not be empty.")
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= n_params:
+        raise ValueError(
+            f"subnetwork_indices must lie in [0, {n_params}) (the number of "
+            f"trainable parameters); got values in [{low}, {high}]."
+        )
+    if indices.unique().numel() != indices.numel():
+        raise ValueError("subnetwork_indices must not contain duplicates.")
+    return indices.long()
+
+
+class SubnetLaplace(ParametricLaplace):
+    """Base class of subnetwork Laplace approximations.
+
+    The posterior is a Gaussian over the entries ``subnetwork_indices`` of the
+    flattened vector of trainable parameters (``requires_grad=True``, in
+    ``parameters()`` order); all other parameters stay at their MAP values.
+    ``n_params`` (= ``n_params_subnet``) is the subnetwork size ``K``, ``mean``
+    the full MAP vector and ``mean_subnet`` its subnetwork entries.  The prior
+    precision and mean are scalars or one value per subnetwork parameter.
+
+    Parameters
+    ----------
+    subnetwork_indices : LongTensor
+        `(K,)` distinct indices, e.g. from a :mod:`laplace.utils.subnetmask` mask.
+    backend : type, optional
+        A GGN or EF backend (``CurvlinopsGGN`` by default, ``CurvlinopsEF``, ...).
+    asdl_fisher_kwargs : None
+        Not supported; must be ``None``.
+
+    Other parameters as in :class:`~laplace.BaseLaplace`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        subnetwork_indices: torch.LongTensor,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+    ) -> None:
+        if asdl_fisher_kwargs is not None:
+            raise ValueError("asdl_fisher_kwargs must be None for subnetwork Laplace.")
+        if backend is not None and not (
+            isinstance(backend, type)
+            and issubclass(backend, GGNInterface | EFInterface)
+        ):
+            raise ValueError(
+                "Subnetwork Laplace supports GGN and empirical Fisher backends only "
+                f"(e.g. CurvlinopsGGN, CurvlinopsEF); got backend={backend!r}."
+            )
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("The model has no parameter with requires_grad=True.")
+        indices = check_subnetwork_indices(
+            subnetwork_indices, sum(p.numel() for p in params)
+        )
+        self.subnetwork_indices = indices.to(params[0].device)
+        self.n_params_subnet = len(indices)
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+
+    # ---- parameters and prior -------------------------------------------------------
+    def _init_params(self) -> None:
+        super()._init_params()
+        # the Gaussian lives on the subnetwork; `mean` stays the full MAP vector
+        self.n_params = self.n_params_subnet
+
+    def _backend_init_kwargs(self) -> dict[str, Any]:
+        return {
+            **super()._backend_init_kwargs(),
+            "subnetwork_indices": self.subnetwork_indices,
+        }
+
+    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
+        self._check_subnet_length(prior_precision, "prior_precision")
+
+    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
+        if prior_mean.ndim == 1:
+            self._check_subnet_length(prior_mean, "prior_mean")
+
+    def _check_subnet_length(self, value: torch.Tensor, name: str) -> None:
+        if self.n_params is not None and len(value) not in (1, self.n_params_subnet):
+            raise ValueError(
+                f"{name} has length {len(value)}; subnetwork Laplace accepts a scalar "
+                f"or one value per subnetwork parameter ({self.n_params_subnet})."
+            )
+
+    @property
+    def prior_precision_diag(self) -> torch.Tensor:
+        """The prior precision expanded to ``(n_params_subnet,)``."""
+        return self.prior_precision.expand(self.n_params_subnet)
+
+    @property
+    def mean_subnet(self) -> torch.Tensor:
+        """MAP values of the subnetwork parameters, ``(n_params_subnet,)``."""
+        return self.mean[self.subnetwork_indices]
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        return self.square_norm(self.mean_subnet)
+
+    def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
+        # log_prob gets full-length values (as returned by sample): the Gaussian
+        # only sees their subnetwork entries
+        if delta.shape[-1] != self.n_params_subnet:
+            delta = delta[..., self.subnetwork_indices]
+        return super()._precision_square_form(delta)
+
+    # ---- sampling ------------------------------------------------------------------
+    def assemble_full_samples(self, subnet_samples: torch.Tensor) -> torch.Tensor:
+        """Full parameter vectors from subnetwork samples: ``(n_samples, K)`` ->
+        ``(n_samples, n_params_all)``, the other entries at the MAP."""
+        full = self.mean.expand(len(subnet_samples), -1).clone()
+        full[:, self.subnetwork_indices] = subnet_samples.to(full.dtype)
+        return full
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Full weight samples ``(n_samples, n_params_all)``: subnetwork entries
+        drawn from the posterior, all others at the MAP."""
+        self._check_fitted()
+        eps = torch.randn(
+            n_samples,
+            self.n_params_subnet,
+            device=self._device,
+            dtype=self._dtype,
+            generator=generator,
+        )
+        return self.assemble_full_samples(
+            self.mean_subnet + self._sample_deviations(eps)
+        )
+
+    # ---- serialization ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "subnetwork_indices": self.subnetwork_indices}
+
+    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("subnetwork_indices")
+        if saved is None or not torch.equal(
+            saved.to(self.subnetwork_indices.device), self.subnetwork_indices
+        ):
+            raise ValueError(
+                "State dict was fitted on other subnetwork_indices than this "
+                "SubnetLaplace uses."
+            )
+
+
+class FullSubnetLaplace(SubnetLaplace, FullLaplace):
+    """Subnetwork Laplace with a dense `(K, K)` posterior precision."""
+
+    _key = ("subnetwork", "full")
+
+
+class DiagSubnetLaplace(SubnetLaplace, DiagLaplace):
+    """Subnetwork Laplace with a diagonal `(K,)` posterior precision."""
+
+    _key = ("subnetwork", "diag")
