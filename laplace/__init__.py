@@ -13,6 +13,13 @@ Drop-in compatible with the public API of laplace-torch 0.3::
 
 from laplace.base import BaseLaplace, NotFittedError
 from laplace.factory import Laplace
+from laplace.functional import (
+    ELLA,
+    BaseFunctionalLaplace,
+    FunctionalLaplace,
+    FunctionalLLLaplace,
+    VaLLA,
+)
 from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 from laplace.lowrank import LowRankLaplace
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
@@ -38,6 +45,11 @@ __all__ = [
     "KronLaplace",
     "DiagLaplace",
     "LowRankLaplace",
+    "BaseFunctionalLaplace",
+    "FunctionalLaplace",
+    "FunctionalLLLaplace",
+    "ELLA",
+    "VaLLA",
     "LLLaplace",
     "FullLLLaplace",
     "KronLLLaplace",

@@ -1,6 +1,8 @@
 """laplace-torch import path ``laplace.baselaplace`` (re-exports)."""
 
 from laplace.base import BaseLaplace
+from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace
+from laplace.lowrank import LowRankLaplace
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 
 __all__ = [
@@ -9,4 +11,7 @@ __all__ = [
     "FullLaplace",
     "KronLaplace",
     "DiagLaplace",
+    "LowRankLaplace",
+    "BaseFunctionalLaplace",
+    "FunctionalLaplace",
 ]

@@ -1,5 +1,12 @@
 """laplace-torch import path ``laplace.lllaplace`` (re-exports)."""
 
+from laplace.functional import FunctionalLLLaplace
 from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 
-__all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
+__all__ = [
+    "LLLaplace",
+    "FullLLLaplace",
+    "KronLLLaplace",
+    "DiagLLLaplace",
+    "FunctionalLLLaplace",
+]

@@ -13,6 +13,18 @@ from laplace.utils.enums import (
     TuningMethod,
 )
 from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.functional_utils import (
+    SoDSampler,
+    classification_targets,
+    concatenate_rows,
+    draw_gaussian,
+    preserve_model_gradients,
+    regression_targets,
+    same_configuration,
+    select_rows,
+    subset_loader,
+    training_indices,
+)
 from laplace.utils.linalg import (
     block_diag,
     diagonal_add_scalar,
@@ -46,6 +58,16 @@ from laplace.utils.utils import (
 from laplace.utils.validation import validate
 
 __all__ = [
+    "preserve_model_gradients",
+    "same_configuration",
+    "draw_gaussian",
+    "regression_targets",
+    "classification_targets",
+    "training_indices",
+    "subset_loader",
+    "concatenate_rows",
+    "select_rows",
+    "SoDSampler",
     "SubnetMask",
     "ScoreBasedSubnetMask",
     "RandomSubnetMask",

@@ -1,0 +1,388 @@
+"""``BaseFunctionalLaplace``: what the function-space (GP) Laplace approximations
+share -- the GP predictive and its link approximations, sampling, scalar-prior
+hyperparameters and validated checkpoints.
+
+Subclasses hold a Gaussian over the linearised network's outputs with mean the
+network output at the MAP and implement
+
+- ``functional_variance(Js)``: per-input covariance ``(batch, O, O)`` for
+  Jacobians ``Js`` of shape ``(batch, O, P)``,
+- ``functional_covariance(Js)``: joint covariance ``(batch * O, batch * O)``,
+- ``_moments(x, joint)`` when a cheaper route than the Jacobians exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import vmap
+from torch.nn.utils import parameters_to_vector
+
+from laplace.base import BaseLaplace, eval_mode
+from laplace.curvature._loss_sqrt import exact_sqrt_fn
+from laplace.functional.checkpoint import FunctionalCheckpointMixin
+from laplace.predictive import glm_link
+from laplace.utils.data import batch_size, to_device
+from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure
+from laplace.utils.functional_utils import (
+    classification_targets,
+    draw_gaussian,
+    regression_targets,
+)
+from laplace.utils.utils import normal_samples, trainable_parameters
+
+__all__ = ["BaseFunctionalLaplace"]
+
+Inputs = torch.Tensor | MutableMapping
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    return value
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int; got {seed!r}.")
+    return seed
+
+
+def _check_zero_prior_mean(prior_mean: torch.Tensor, cls_name: str) -> None:
+    if bool((prior_mean.detach() != 0).any()):
+        raise ValueError(f"{cls_name} supports only prior_mean=0; got {prior_mean}.")
+
+
+class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
+    """Base class of the GP-view Laplace approximations (FunctionalLaplace,
+    FunctionalLLLaplace, ELLA, VaLLA); see :class:`~laplace.BaseLaplace` for the
+    constructor arguments. Only a scalar (isotropic) prior precision is allowed
+    and only ``pred_type='gp'`` predictions exist.
+    """
+
+    _key: tuple[str, str] | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.n_params: int | None = None
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+        self._init_params()
+
+    # ---- parameters and hyperparameters -----------------------------------------
+    def _init_params(self) -> None:
+        self.params = self._treated_parameters()
+        if not self.params:
+            raise ValueError("The model has no parameter with requires_grad=True.")
+        self.n_layers = len(self.params)
+        self.n_params = sum(p.numel() for p in self.params)
+        self._refresh_mean()
+        self.prior_mean = self.prior_mean
+
+    def _refresh_mean(self) -> None:
+        """The MAP: the treated parameters as a vector ``(n_params,)``."""
+        self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
+
+    def _treated_parameters(self) -> list[nn.Parameter]:
+        return trainable_parameters(self.model)
+
+    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
+        if prior_precision.numel() != 1:
+            raise ValueError(
+                f"{type(self).__name__} supports only a scalar (isotropic) "
+                f"prior_precision; got shape {tuple(prior_precision.shape)}."
+            )
+
+    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
+        if self.n_params is None or prior_mean.numel() == 1:
+            return
+        if prior_mean.numel() != self.n_params:
+            raise ValueError(
+                f"prior_mean has {prior_mean.numel()} values; expected a scalar or "
+                f"n_params={self.n_params} values."
+            )
+
+    def _hyperparameters_changed(self) -> None:
+        self._cache = None
+
+    @property
+    def gp_kernel_prior_variance(self) -> torch.Tensor:
+        """Prior variance of the weights, ``1 / prior_precision``: the NTK kernel is
+        ``J(x) J(x')^T * gp_kernel_prior_variance``."""
+        return 1.0 / self.prior_precision
+
+    # ---- data ----------------------------------------------------------------------------
+    def _jacobians(
+        self, x: Inputs, enable_backprop: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, O, P)`` and outputs ``(batch, O)`` at the MAP;
+        ``enable_backprop`` defaults to the attribute."""
+        backprop = self.enable_backprop if enable_backprop is None else enable_backprop
+        Js, f = self.backend.jacobians(x, enable_backprop=backprop)
+        return Js.to(self._dtype), f.to(self._dtype)
+
+    def _lambda_sqrt(self, f: torch.Tensor) -> torch.Tensor | None:
+        """``L_n`` with ``L_n L_n^T`` the output Hessian of the loss (the GGN's
+        Lambda) at outputs ``f`` ``(batch, O)``: ``(batch, O, O)``, ``None`` for
+        regression (identity)."""
+        if self.likelihood is Likelihood.REGRESSION:
+            return None
+        return vmap(exact_sqrt_fn(self.likelihood))(f.detach())
+
+    def _check_targets(self, y: torch.Tensor, n_outputs: int) -> torch.Tensor:
+        if self.likelihood is Likelihood.REGRESSION:
+            return regression_targets(y, n_outputs)
+        return classification_targets(y, n_outputs)
+
+    def _batch_loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed training loss of a batch (backend convention), ``()``."""
+        y = self._check_targets(y, f.shape[-1])
+        return self.backend._loss(f, y).to(self._dtype)
+
+    # ---- predictive -----------------------------------------------------------------------
+    def _classifies(self, fitting: bool) -> bool:
+        if self.likelihood is Likelihood.REWARD_MODELING:
+            return fitting
+        return self.likelihood is Likelihood.CLASSIFICATION
+
+    def _check_pred_type(self, pred_type: Any) -> None:
+        if PredType.parse(pred_type, "pred_type") is not PredType.GP:
+            raise ValueError(
+                f"{type(self).__name__} only supports pred_type='gp' (the GP "
+                f"predictive of the linearised network); got {pred_type!r}."
+            )
+
+    def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
+        if (
+            isinstance(n_samples, bool)
+            or not isinstance(n_samples, int)
+            or n_samples < 1
+        ):
+            raise ValueError(
+                f"n_samples must be a positive integer; got {n_samples!r}."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator or None; got {type(generator)}."
+            )
+
+    def __call__(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        joint: bool = False,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        **model_kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """GP predictive at ``x``.
+
+        Returns
+        -------
+        Classification (and reward modelling with ``fitting=True``): probabilities
+        ``(batch, n_classes)``. Regression: the latent mean ``(batch, O)`` and
+        covariance ``(batch, O, O)`` (``(batch, O)`` with ``diagonal_output``; with
+        ``joint=True`` a mean ``(batch * O,)`` and covariance ``(batch * O,)*2``),
+        without the observation noise.
+        """
+        self._check_pred_type(pred_type)
+        link_approx = LinkApprox.parse(link_approx, "link_approx")
+        self._check_sampling_args(n_samples, generator)
+        if model_kwargs:
+            raise ValueError(
+                f"{type(self).__name__} does not forward model keyword arguments; "
+                f"got {sorted(model_kwargs)}."
+            )
+        classification = self._classifies(fitting)
+        if joint and classification:
+            raise ValueError("joint=True is only available for regression.")
+        f_mu, f_var = self.predictive_moments(x, joint=joint)
+        if not classification:
+            if diagonal_output and not joint:
+                f_var = f_var.diagonal(dim1=-2, dim2=-1)
+            return f_mu, f_var
+        return glm_link(f_mu, f_var, link_approx, n_samples, generator)
+
+    def predictive(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        link_approx: LinkApprox | str = LinkApprox.PROBIT,
+        n_samples: int = 100,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Alias of ``__call__`` with the laplace-torch ``predictive`` signature."""
+        return self(
+            x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
+        )
+
+    def predictive_moments(
+        self, x: Inputs, *, joint: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean ``(batch, O)`` and covariance ``(batch, O, O)`` at ``x``
+        (no observation noise); ``joint=True``: ``(batch * O,)`` and
+        ``(batch * O, batch * O)`` over all inputs and outputs."""
+        self._check_fitted()
+        x = to_device(x, self._device)
+        with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            return self._moments(x, joint)
+
+    def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        Js, f = self._jacobians(x)
+        if joint:
+            return f.flatten(), self.functional_covariance(Js)
+        return f, self.functional_variance(Js)
+
+    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
+        """Posterior covariance of the outputs per input, ``(batch, O, O)``, for
+        Jacobians ``Js`` ``(batch, O, P)``."""
+        raise NotImplementedError
+
+    def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
+        """Joint posterior covariance of all outputs of all inputs,
+        ``(batch * O, batch * O)``."""
+        raise NotImplementedError
+
+    def functional_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        joint: bool = False,
+    ) -> torch.Tensor:
+        """Samples of the latent function, ``(n_samples, batch, O)``; with
+        ``joint=True`` correlated across inputs, with ``diagonal_output``
+        independent across outputs."""
+        self._check_pred_type(pred_type)
+        self._check_sampling_args(n_samples, generator)
+        f_mu, f_var = self.predictive_moments(x, joint=joint)
+        if joint:
+            if diagonal_output:
+                f_var = torch.diag(f_var.diagonal())
+            flat = draw_gaussian(f_mu, f_var, n_samples, generator)
+            return flat.reshape(n_samples, -1, self._output_count(f_mu, x))
+        if diagonal_output:
+            f_var = f_var.diagonal(dim1=-2, dim2=-1)
+        return normal_samples(f_mu, f_var, n_samples, generator)
+
+    def _output_count(self, flat_mean: torch.Tensor, x: Inputs) -> int:
+        return len(flat_mean) // batch_size(x, self.dict_key_x)
+
+    def predictive_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str = PredType.GP,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        joint: bool = False,
+    ) -> torch.Tensor:
+        """Like :meth:`functional_samples`, with the softmax applied for
+        classification: ``(n_samples, batch, O)``."""
+        samples = self.functional_samples(
+            x, pred_type, n_samples, diagonal_output, generator, joint
+        )
+        if self._classifies(fitting):
+            return torch.softmax(samples, dim=-1)
+        return samples
+
+    def _validation_nll(self, loader: Iterable) -> float:
+        """Mean negative log predictive density on ``loader`` (probit link for
+        classification; Gaussian with the noise variance added for regression)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for X, y in self._batches(loader):
+                f_mu, f_var = self.predictive_moments(X)
+                if self.likelihood is Likelihood.REGRESSION:
+                    y = regression_targets(y.to(self._dtype), f_mu.shape[-1])
+                    var = f_var.diagonal(dim1=-2, dim2=-1) + self.sigma_noise.square()
+                    dist = torch.distributions.Normal(f_mu, var.sqrt())
+                    total -= float(dist.log_prob(y).sum())
+                else:
+                    probs = glm_link(f_mu, f_var, LinkApprox.PROBIT, 1)
+                    eps = torch.finfo(probs.dtype).tiny
+                    picked = probs.gather(-1, y.long().reshape(-1, 1)).clamp_min(eps)
+                    total -= float(picked.log().sum())
+                count += len(y)
+        if count == 0:
+            raise ValueError("val_loader yielded no data.")
+        return total / count
+
+    # ---- prior tuning ----------------------------------------------------------------
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GP,
+        method: str = "marglik",
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: str = "scalar",
+        val_loader: Iterable | None = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """As :meth:`laplace.BaseLaplace.optimize_prior_precision`, restricted to
+        ``pred_type='gp'`` and ``prior_structure='scalar'``."""
+        self._check_pred_type(pred_type)
+        structure = PriorStructure.parse(prior_structure, "prior_structure")
+        if structure is not PriorStructure.SCALAR:
+            raise ValueError(
+                f"{type(self).__name__} supports only prior_structure='scalar'; got "
+                f"{structure.value!r}."
+            )
+        super().optimize_prior_precision(
+            pred_type=PredType.GP,
+            method=method,
+            n_steps=n_steps,
+            lr=lr,
+            init_prior_prec=init_prior_prec,
+            prior_structure=structure,
+            val_loader=val_loader,
+            loss=loss,
+            log_prior_prec_min=log_prior_prec_min,
+            log_prior_prec_max=log_prior_prec_max,
+            grid_size=grid_size,
+            link_approx=link_approx,
+            n_samples=n_samples,
+            verbose=verbose,
+            progress_bar=progress_bar,
+            log_prior_prec_base=log_prior_prec_base,
+        )

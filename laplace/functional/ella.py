@@ -1,0 +1,383 @@
+"""ELLA: accelerated linearised Laplace with Nystrom NTK features (Deng et al.,
+2022, "Accelerated linearized Laplace approximation for Bayesian deep learning").
+
+A random subsample of ``M`` training points gives the Gram matrix of the NTK
+``J_s J_s^T = U diag(lambda) U^T`` over its ``M * O`` outputs. Its top ``k``
+eigenpairs define ``k`` orthonormal parameter directions
+``V = J_s^T U diag(lambda)^{-1/2}`` (``dual_directions``, ``(P, k)``) and the
+features ``phi(x) = J(x) V`` ``(O, k)``, computed with ``k`` Jacobian-vector
+products. The linearised network restricted to these directions,
+``f(x) = f_MAP(x) + phi(x) w`` with ``w ~ N(0, I / delta)``, has the posterior
+precision ``c * feature_gram + delta I`` (``feature_gram = sum_n phi_n^T Lambda_n
+phi_n`` over the training data, ``c = 1 / (sigma^2 T)``), whose Cholesky factor is
+``chol_precision``; the predictive covariance is ``phi(x) (c G + delta I)^{-1}
+phi(x)^T``. With all eigenpairs of a Gram matrix of rank ``P`` this is the exact
+linearised Laplace predictive.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+from laplace.base import eval_mode
+from laplace.functional.base import (
+    BaseFunctionalLaplace,
+    Inputs,
+    _check_seed,
+    _check_zero_prior_mean,
+    _positive_int,
+)
+from laplace.utils.data import dataset_size
+from laplace.utils.enums import Likelihood, PredType
+from laplace.utils.functional_utils import (
+    balanced_indices,
+    preserve_model_gradients,
+    subset_loader,
+    training_indices,
+)
+from laplace.utils.linalg import symeig
+
+__all__ = ["ELLA"]
+
+# directions pushed through one vmapped Jacobian-vector product
+_DIRECTION_CHUNK = 64
+
+
+class ELLA(BaseFunctionalLaplace):
+    """Linearised Laplace on Nystrom features of the NTK.
+
+    Parameters
+    ----------
+    subsample_size : int
+        Training points ``M`` of the Nystrom subsample.
+    n_eigenvalues : int
+        Eigenpairs ``k <= subsample_size`` kept (feature dimension).
+    prior_precision : float, default=1
+        Scalar only; ``prior_mean`` must be 0.
+    seed : int, default=1234
+        Seed of the subsample draw.
+    Other parameters as :class:`~laplace.BaseLaplace`.
+
+    Attributes
+    ----------
+    dual_directions : Tensor ``(P, k)``
+    feature_gram : Tensor ``(k, k)``
+    chol_precision : Tensor ``(k, k)``
+    fit_history_ : dict
+        ``processed_examples`` and ``val_nll`` of the validation checks during
+        ``fit``, ``tuning`` of :meth:`optimize_hyperparameters`.
+    """
+
+    _key = ("all", "nystrom")
+    _state_keys = ("dual_directions", "feature_gram", "fit_history")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        subsample_size: int,
+        n_eigenvalues: int,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        seed: int = 1234,
+    ) -> None:
+        self.subsample_size = _positive_int(subsample_size, "subsample_size")
+        self.n_eigenvalues = _positive_int(n_eigenvalues, "n_eigenvalues")
+        if n_eigenvalues > subsample_size:
+            raise ValueError(
+                f"n_eigenvalues={n_eigenvalues} must not exceed "
+                f"subsample_size={subsample_size}."
+            )
+        self.seed = _check_seed(seed)
+        self.dual_directions: torch.Tensor | None = None
+        self.feature_gram: torch.Tensor | None = None
+        self.fit_history_: dict[str, list] = {
+            "processed_examples": [],
+            "val_nll": [],
+            "tuning": [],
+        }
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+
+    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
+        _check_zero_prior_mean(prior_mean, type(self).__name__)
+
+    # ---- fit ---------------------------------------------------------------------------
+    @preserve_model_gradients
+    def fit(
+        self,
+        train_loader: Iterable,
+        *,
+        val_loader: Iterable | None = None,
+        val_steps: int | None = None,
+        balanced: bool = False,
+        progress_bar: bool = False,
+    ) -> None:
+        """Build the Nystrom features on a subsample, then accumulate
+        ``feature_gram`` over ``train_loader``.
+
+        With ``val_loader``, the validation NLL is recorded every ``val_steps``
+        batches (and after the last one) and the state with the lowest one is
+        kept (early stopping). ``balanced=True`` draws a class-balanced subsample
+        (classification).
+        """
+        n_total = dataset_size(train_loader)
+        if self.subsample_size > n_total:
+            raise ValueError(
+                f"subsample_size={self.subsample_size} exceeds the number of "
+                f"training points {n_total}."
+            )
+        if val_steps is not None:
+            _positive_int(val_steps, "val_steps")
+        indices = self._subsample(train_loader, n_total, balanced)
+        with eval_mode(self.model):
+            subset = subset_loader(train_loader, indices)
+            J = torch.cat(
+                [self._jacobians(X, False)[0] for X, _ in self._batches(subset)]
+            )
+            self.n_outputs = int(J.shape[1])
+            self.dual_directions = self._nystrom_directions(J)
+            del J
+            self._accumulate(train_loader, val_loader, val_steps, progress_bar)
+
+    def _subsample(
+        self, loader: Iterable, n_total: int, balanced: bool
+    ) -> torch.Tensor:
+        if not balanced:
+            return training_indices(n_total, self.subsample_size, self.seed)
+        if self.likelihood is Likelihood.REGRESSION:
+            raise ValueError("balanced=True needs a classification likelihood.")
+        ordered = subset_loader(loader, range(n_total))
+        targets = torch.cat([y.reshape(-1).cpu() for _, y in self._batches(ordered)])
+        return balanced_indices(targets, self.subsample_size, self.seed)
+
+    def _nystrom_directions(self, J: torch.Tensor) -> torch.Tensor:
+        """Top-``k`` directions ``(P, k)`` from subsample Jacobians ``(M, O, P)``."""
+        J_flat = J.reshape(-1, J.shape[-1])
+        eigvals, eigvecs = symeig(J_flat @ J_flat.T)
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+        tol = eigvals[0] * len(eigvals) * torch.finfo(eigvals.dtype).eps
+        k = min(self.n_eigenvalues, int((eigvals > tol).sum()))
+        if k < self.n_eigenvalues:
+            warnings.warn(
+                f"Only {k} of n_eigenvalues={self.n_eigenvalues} eigenvalues of the "
+                f"subsample's NTK Gram matrix are numerically non-zero; using {k}.",
+                stacklevel=3,
+            )
+        return J_flat.T @ (eigvecs[:, :k] / eigvals[:k].sqrt())
+
+    def _accumulate(
+        self,
+        loader: Iterable,
+        val_loader: Iterable | None,
+        val_steps: int | None,
+        progress_bar: bool,
+    ) -> None:
+        k = self.dual_directions.shape[1]
+        gram = torch.zeros(k, k, device=self._device, dtype=self._dtype)
+        loss, processed, best = 0.0, 0, None
+        self.fit_history_ = {"processed_examples": [], "val_nll": [], "tuning": []}
+        batches = self._batches(loader)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="ELLA fit")
+        step = 0
+        for step, (X, y) in enumerate(batches, 1):
+            f, phi = self._features(X)
+            loss = loss + self._batch_loss(f, y)
+            L = self._lambda_sqrt(f)
+            M = phi if L is None else torch.einsum("boc,bok->bck", L, phi)
+            gram = gram + torch.einsum("bck,bcl->kl", M, M)
+            processed += len(y)
+            self.feature_gram, self.loss, self.n_data = gram, loss, processed
+            periodic = val_steps is not None and step % val_steps == 0
+            if val_loader is not None and periodic:
+                best = self._check_validation(val_loader, best)
+        if step == 0:
+            raise ValueError("train_loader yielded no batches.")
+        if val_loader is not None and not (val_steps and step % val_steps == 0):
+            best = self._check_validation(val_loader, best)
+        if best is not None:
+            self.feature_gram, self.loss, self.n_data = best[1:]
+        self._hyperparameters_changed()
+
+    def _check_validation(self, val_loader: Iterable, best: tuple | None) -> tuple:
+        self._hyperparameters_changed()
+        nll = self._validation_nll(val_loader)
+        self.fit_history_["processed_examples"].append(int(self.n_data))
+        self.fit_history_["val_nll"].append(nll)
+        if best is None or nll < best[0]:
+            best = (nll, self.feature_gram.clone(), self.loss, self.n_data)
+        return best
+
+    # ---- features and predictive ------------------------------------------------------
+    def _features(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs ``(batch, O)`` and features ``J(x) V`` ``(batch, O, k)`` via
+        Jacobian-vector products (no ``(batch, O, P)`` Jacobian)."""
+        primals = {n: p.detach() for n, p in self.backend.params_dict.items()}
+        sizes = [p.numel() for p in primals.values()]
+
+        def forward(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.model, params, (x,))
+
+        def push(direction: torch.Tensor) -> torch.Tensor:
+            chunks = direction.split(sizes)
+            tangents = {
+                n: c.view_as(p).to(p.dtype)
+                for (n, p), c in zip(primals.items(), chunks)
+            }
+            return jvp(forward, (primals,), (tangents,))[1]
+
+        pushed = [
+            vmap(push)(chunk.T)
+            for chunk in self.dual_directions.split(_DIRECTION_CHUNK, dim=1)
+        ]
+        phi = torch.cat(pushed).permute(1, 2, 0).to(self._dtype)
+        return forward(primals).to(self._dtype), phi
+
+    @property
+    def chol_precision(self) -> torch.Tensor:
+        """Lower Cholesky factor of ``c * feature_gram + delta I``, ``(k, k)``."""
+        self._check_fitted()
+        needs_graph = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.prior_precision, self.sigma_noise)
+        )
+        if self._cache is not None and not needs_graph:
+            return self._cache
+        gram = self.feature_gram
+        eye = torch.eye(len(gram), device=gram.device, dtype=gram.dtype)
+        chol = torch.linalg.cholesky(self._H_factor * gram + self.prior_precision * eye)
+        if not needs_graph:
+            self._cache = chol.detach()
+        return chol
+
+    def _feature_covariance(self, phi: torch.Tensor, joint: bool) -> torch.Tensor:
+        """``phi (c G + delta I)^{-1} phi^T`` per input ``(batch, O, O)`` or joint."""
+        batch, n_out, k = phi.shape
+        Z = torch.linalg.solve_triangular(
+            self.chol_precision, phi.reshape(-1, k).T, upper=False
+        )
+        if joint:
+            return Z.T @ Z
+        Z = Z.reshape(k, batch, n_out)
+        return torch.einsum("kbo,kbp->bop", Z, Z)
+
+    def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        f, phi = self._features(x)
+        cov = self._feature_covariance(phi, joint)
+        return (f.flatten(), cov) if joint else (f, cov)
+
+    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return self._feature_covariance(Js @ self.dual_directions, joint=False)
+
+    def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return self._feature_covariance(Js @ self.dual_directions, joint=True)
+
+    # ---- hyperparameters ---------------------------------------------------------------
+    def log_marginal_likelihood(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError(
+            "ELLA has no marginal likelihood; tune the prior precision with "
+            "optimize_prior_precision(method='gridsearch', val_loader=...) or "
+            "optimize_hyperparameters(val_loader, grid)."
+        )
+
+    def optimize_prior_precision(
+        self,
+        pred_type: PredType | str = PredType.GP,
+        method: str = "gridsearch",
+        **kwargs: Any,
+    ) -> None:
+        """Grid search of the scalar prior precision on ``val_loader`` (the only
+        method ELLA supports); arguments as
+        :meth:`BaseFunctionalLaplace.optimize_prior_precision`."""
+        if str(method).lower() != "gridsearch":
+            raise ValueError(
+                f"ELLA supports only method='gridsearch' (it has no marginal "
+                f"likelihood); got method={method!r}."
+            )
+        super().optimize_prior_precision(pred_type=pred_type, method=method, **kwargs)
+
+    def optimize_hyperparameters(
+        self, val_loader: Iterable, grid: Iterable[Any]
+    ) -> dict[str, float]:
+        """Pick the prior precision, or ``(prior_precision, sigma_noise)`` pair, of
+        ``grid`` with the lowest validation NLL; every score is appended to
+        ``fit_history_['tuning']``. Returns the best entry."""
+        self._check_fitted()
+        best = None
+        for entry in grid:
+            prior, sigma = entry if isinstance(entry, tuple | list) else (entry, None)
+            self.prior_precision = prior
+            if sigma is not None:
+                self.sigma_noise = sigma
+            record = {
+                "prior_precision": float(self.prior_precision),
+                "sigma_noise": float(self.sigma_noise),
+            }
+            try:
+                record["val_nll"] = self._validation_nll(val_loader)
+            except torch.linalg.LinAlgError:
+                record["val_nll"] = float("inf")
+            self.fit_history_["tuning"].append(record)
+            if best is None or record["val_nll"] < best["val_nll"]:
+                best = record
+        if best is None:
+            raise ValueError("grid is empty.")
+        self.prior_precision = best["prior_precision"]
+        self.sigma_noise = best["sigma_noise"]
+        return dict(best)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _configuration(self) -> dict[str, Any]:
+        return {
+            **super()._configuration(),
+            "subsample_size": self.subsample_size,
+            "n_eigenvalues": self.n_eigenvalues,
+            "seed": self.seed,
+        }
+
+    def _own_state(self) -> dict[str, Any]:
+        return {
+            "dual_directions": self.dual_directions.detach(),
+            "feature_gram": self.feature_gram.detach(),
+            "fit_history": {k: list(v) for k, v in self.fit_history_.items()},
+        }
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        V = state_dict["dual_directions"]
+        if V.shape[0] != self.n_params:
+            raise ValueError(
+                f"dual_directions has {V.shape[0]} rows; the model has "
+                f"{self.n_params} parameters."
+            )
+        self.dual_directions = V.to(self._device, self._dtype)
+        self.feature_gram = state_dict["feature_gram"].to(self._device, self._dtype)
+        self.fit_history_ = {k: list(v) for k, v in state_dict["fit_history"].items()}
+        self._hyperparameters_changed()

@@ -1,0 +1,410 @@
+"""VaLLA: variational linearised Laplace (Ortega et al., 2023, "Variational
+linearized Laplace approximation for Bayesian deep learning").
+
+A sparse variational GP with the NTK ``K(x, x') = J(x) J(x')^T / delta`` whose
+mean is the network output at the MAP: the inducing outputs ``u = f(Z)`` (all
+``O`` outputs of each inducing input, or one class each with
+``inducing_classes``) get ``q(u) = N(f_MAP(Z), S)``, ``S = C L L^T C^T`` with
+``C = chol(K0_ZZ)`` (whitened: the prior is ``L = I / sqrt(delta)``), so that
+
+    cov(x) = (K0_xx - K0_xZ K0_ZZ^{-1} K0_Zx) / delta + A S A^T,
+    A = K0_xZ K0_ZZ^{-1},  K0 = J J^T  (see :mod:`laplace.functional.sparse_gp`),
+
+and the predictive mean is always the network output. ``L`` (packed lower
+triangle), the log prior precision and (regression) the log noise variance are
+learned by maximising the alpha-energy (:mod:`laplace.functional.alpha_energy`)
+with Adam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from laplace.base import eval_mode
+from laplace.functional.alpha_energy import (
+    categorical_energy,
+    check_alpha_arguments,
+    gaussian_energy,
+    inducing_kl,
+)
+from laplace.functional.base import (
+    BaseFunctionalLaplace,
+    _check_seed,
+    _check_zero_prior_mean,
+    _positive_int,
+)
+from laplace.functional.inducing import (
+    check_inducing_classes,
+    check_inducing_locations,
+    inducing_jacobians,
+    resolve_inducing_locations,
+)
+from laplace.functional.sparse_gp import (
+    conditional_parts,
+    pack_lower,
+    stable_cholesky,
+    unpack_lower,
+    variational_covariance,
+)
+from laplace.utils.data import batch_size, dataset_size, to_device
+from laplace.utils.enums import Likelihood
+from laplace.utils.functional_utils import preserve_model_gradients, select_rows
+
+__all__ = ["VaLLA"]
+
+_CHUNK = 256
+# Per-example kernel terms of the whole training set are cached (and minibatches
+# drawn from them) when they hold at most this many numbers.
+_CACHE_ELEMENTS = 2**24
+
+Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class VaLLA(BaseFunctionalLaplace):
+    """Variational linearised Laplace: a sparse GP with the NTK.
+
+    Parameters
+    ----------
+    inducing_locations : Tensor, dict-like batch, 'random' or 'kmeans'
+        The inducing inputs, or how to choose ``num_inducing`` of them from the
+        training inputs (random points drawn with ``seed``, or k-means centres).
+    num_inducing : int, optional
+        Needed for 'random' and 'kmeans'.
+    inducing_classes : LongTensor ``(M,)``, optional
+        One output index per inducing input (``M`` inducing outputs instead of
+        ``M * O``).
+    alpha : float in [0, 1], default=1
+        Alpha-divergence parameter; 0 is the ELBO.
+    mc_softmax_samples : int, default=0
+        Monte Carlo samples of the expected softmax likelihood; required (> 0) for
+        classification with ``alpha != 1`` (``alpha = 1`` then uses the probit
+        approximation).
+    seed : int, default=0
+        Seeds the inducing-point choice, the minibatch order of cached training
+        terms and the Monte Carlo draws.
+    Other parameters as :class:`~laplace.BaseLaplace` (scalar prior precision,
+    zero prior mean); ``prior_precision`` and ``sigma_noise`` are the initial
+    values of the learned ones. The temperature divides the data term.
+
+    Attributes
+    ----------
+    L : Tensor ``(k (k + 1) / 2,)``
+        Packed (row-major) lower triangle of the whitened factor of ``S``.
+    log_prior_precision, log_noise_variance : Tensor ``()``
+    fit_history_ : dict
+        ``objective`` per Adam step and ``val_nll`` per validation check.
+    """
+
+    _key = ("all", "variational")
+    _state_keys = ("inducing_inputs", "inducing_classes", "L", "fit_history")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        inducing_locations: torch.Tensor | MutableMapping | str,
+        num_inducing: int | None = None,
+        inducing_classes: torch.Tensor | None = None,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        alpha: float = 1.0,
+        mc_softmax_samples: int = 0,
+    ) -> None:
+        self.alpha = check_alpha_arguments(alpha, mc_softmax_samples)
+        self.mc_softmax_samples = mc_softmax_samples
+        check_inducing_locations(inducing_locations, num_inducing)
+        check_inducing_classes(inducing_classes)
+        self.seed = _check_seed(seed)
+        self.inducing_locations = inducing_locations
+        self.num_inducing = num_inducing
+        self.inducing_classes = inducing_classes
+        self.L: torch.Tensor | None = None
+        self.fit_history_: dict[str, list] = {"objective": [], "val_nll": []}
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+        )
+        if not self._learns_noise and self.alpha != 1 and not mc_softmax_samples:
+            raise ValueError(
+                f"Classification with alpha={self.alpha} needs mc_softmax_samples > 0 "
+                "(only alpha=1 has a deterministic approximation)."
+            )
+
+    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
+        _check_zero_prior_mean(prior_mean, type(self).__name__)
+
+    @property
+    def _learns_noise(self) -> bool:
+        return self.likelihood is Likelihood.REGRESSION
+
+    @property
+    def log_prior_precision(self) -> torch.Tensor:
+        """Log of the (learned) scalar prior precision, ``()``."""
+        return self.prior_precision.reshape(()).log()
+
+    @property
+    def log_noise_variance(self) -> torch.Tensor:
+        """Log of the (learned) observation noise variance, ``()``."""
+        return 2 * self.sigma_noise.log()
+
+    # ---- fit ---------------------------------------------------------------------------
+    @preserve_model_gradients
+    def fit(
+        self,
+        train_loader: Iterable,
+        *,
+        iterations: int = 100,
+        lr: float = 1e-3,
+        val_loader: Iterable | None = None,
+        val_steps: int | None = None,
+        progress_bar: bool = False,
+        override: bool = True,
+    ) -> None:
+        """Learn ``L``, the prior precision and (regression) the noise variance
+        with ``iterations`` Adam steps on minibatches of ``train_loader`` (of its
+        batch size; drawn from cached kernel terms when the data set is small).
+
+        ``override=False`` continues from the current state. With ``val_loader``
+        the validation NLL is recorded every ``val_steps`` iterations and at the
+        end in ``fit_history_['val_nll']``.
+        """
+        _positive_int(iterations, "iterations")
+        if val_steps is not None:
+            _positive_int(val_steps, "val_steps")
+        n_total = dataset_size(train_loader)
+        with eval_mode(self.model):
+            if override or not self.is_fitted:
+                Z = resolve_inducing_locations(
+                    self.inducing_locations,
+                    self.num_inducing,
+                    train_loader,
+                    self._batches,
+                    self.seed,
+                    self.dict_key_x,
+                )
+                self._set_inducing(to_device(Z, self._device))
+                # start at the prior, S = K_ZZ = K0_ZZ / delta
+                eye = torch.eye(len(self._J_Z), device=self._device, dtype=self._dtype)
+                self.L = pack_lower(eye / self.prior_precision.sqrt())
+                self.fit_history_ = {"objective": [], "val_nll": []}
+            self.n_data = n_total
+            self.loss = self._training_loss(train_loader)
+            self._optimize(
+                train_loader, iterations, lr, val_loader, val_steps, progress_bar
+            )
+
+    def _training_loss(self, loader: Iterable) -> torch.Tensor:
+        loss = torch.zeros((), device=self._device, dtype=self._dtype)
+        with torch.no_grad():
+            for X, y in self._batches(loader):
+                loss = loss + self._batch_loss(self.model(X).to(self._dtype), y)
+        return loss
+
+    def _set_inducing(self, Z: Any) -> None:
+        """Jacobians ``(k, P)`` of the inducing outputs and the Cholesky factor of
+        their Gram matrix."""
+        n = batch_size(Z, self.dict_key_x)
+        J = torch.cat(
+            [
+                self._jacobians(select_rows(Z, slice(s, s + _CHUNK), self.dict_key_x))[
+                    0
+                ]
+                for s in range(0, n, _CHUNK)
+            ]
+        )
+        self.n_outputs = int(J.shape[1])
+        self._inducing_inputs = Z
+        self._J_Z = inducing_jacobians(J, self.inducing_classes)
+        self._chol_K0 = stable_cholesky(self._J_Z @ self._J_Z.T)
+
+    def _terms(self, X: Any, y: torch.Tensor) -> Terms:
+        """Network outputs, ``W``, conditional prior covariance and targets of a
+        batch (see :func:`~laplace.functional.sparse_gp.conditional_parts`)."""
+        with torch.no_grad():
+            Js, f = self._jacobians(X, False)
+            W, prior_cov = conditional_parts(Js, self._J_Z, self._chol_K0)
+        return f, W, prior_cov, self._check_targets(y, f.shape[-1])
+
+    def _minibatches(
+        self, loader: Iterable, generator: torch.Generator
+    ) -> Iterator[Terms]:
+        """Endless minibatch terms; from a cache of the whole data set when it is
+        small enough (no Jacobians per step), else from the loader's batches."""
+        k, n_out = len(self._J_Z), self.n_outputs
+        if self.n_data * n_out * (k + n_out) <= _CACHE_ELEMENTS:
+            parts = [self._terms(X, y) for X, y in self._batches(loader)]
+            f, W, prior_cov, y = (
+                torch.cat(chunks, dim=1 if i == 1 else 0)  # W is (k, batch, O)
+                for i, chunks in enumerate(zip(*parts))
+            )
+            size = len(parts[0][0])
+            while True:
+                order = torch.randperm(len(f), generator=generator, device=self._device)
+                for idx in order.split(size):
+                    yield f[idx], W[:, idx], prior_cov[idx], y[idx]
+        while True:
+            empty = True
+            for X, y in self._batches(loader):
+                empty = False
+                yield self._terms(X, y)
+            if empty:
+                raise ValueError("train_loader yielded no batches.")
+
+    def _optimize(
+        self,
+        loader: Iterable,
+        iterations: int,
+        lr: float,
+        val_loader: Iterable | None,
+        val_steps: int | None,
+        progress_bar: bool,
+    ) -> None:
+        packed = self.L.detach().clone().requires_grad_(True)
+        log_delta = self.log_prior_precision.detach().clone().requires_grad_(True)
+        log_var = self.log_noise_variance.detach().clone()
+        variables = [packed, log_delta]
+        if self._learns_noise:
+            variables.append(log_var.requires_grad_(True))
+        optimizer = torch.optim.Adam(variables, lr=lr)
+        generator = torch.Generator(device=self._device).manual_seed(self.seed)
+        steps = range(1, iterations + 1)
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="VaLLA fit")
+        batches = self._minibatches(loader, generator)
+        for step in steps:
+            optimizer.zero_grad()
+            objective = self._objective(
+                next(batches), packed, log_delta, log_var, generator
+            )
+            (-objective).backward()
+            optimizer.step()
+            self.fit_history_["objective"].append(float(objective.detach()))
+            self.L = packed.detach().clone()
+            self.prior_precision = log_delta.detach().exp()
+            if self._learns_noise:
+                self.sigma_noise = (0.5 * log_var.detach()).exp()
+            periodic = val_steps is not None and step % val_steps == 0
+            if val_loader is not None and (periodic or step == iterations):
+                self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
+
+    def objective(
+        self,
+        X: Any,
+        y: torch.Tensor,
+        packed_L: torch.Tensor,
+        log_prior_precision: torch.Tensor,
+        log_noise_variance: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Minibatch estimate of the alpha-energy, ``()``: the data term of the
+        batch ``(X, y)`` scaled by ``n_data / batch / temperature``, minus the KL;
+        differentiable w.r.t. the packed whitened factor ``packed_L`` and the two
+        log hyperparameters."""
+        self._check_fitted()
+        terms = self._terms(to_device(X, self._device), y.to(self._device))
+        return self._objective(
+            terms, packed_L, log_prior_precision, log_noise_variance, generator
+        )
+
+    def _objective(
+        self,
+        terms: Terms,
+        packed_L: torch.Tensor,
+        log_delta: torch.Tensor,
+        log_var: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        f, W, prior_cov, y = terms
+        delta = log_delta.exp()
+        L = unpack_lower(packed_L, len(self._J_Z))
+        cov = prior_cov / delta + variational_covariance(W, L)
+        if self._learns_noise:
+            energy = gaussian_energy(y.to(f.dtype), f, cov, log_var.exp(), self.alpha)
+        else:
+            energy = categorical_energy(
+                y, f, cov, self.alpha, self.mc_softmax_samples, generator
+            )
+        scale = self.n_data / len(f) / self.temperature
+        return scale * energy - inducing_kl(L, delta)
+
+    # ---- predictive ----------------------------------------------------------------------
+    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        W, prior_cov = conditional_parts(Js, self._J_Z, self._chol_K0)
+        L = unpack_lower(self.L, len(self._J_Z))
+        delta = self.prior_precision.reshape(())
+        return prior_cov / delta + variational_covariance(W, L)
+
+    def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
+        return self.functional_variance(Js.reshape(1, -1, Js.shape[-1]))[0]
+
+    # ---- hyperparameters ---------------------------------------------------------------
+    def log_marginal_likelihood(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError(
+            "VaLLA has no Laplace marginal likelihood; its hyperparameters are "
+            "learned in fit() by maximising the alpha-energy."
+        )
+
+    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "VaLLA learns the prior precision in fit(); optimize_prior_precision is "
+            "not available."
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _configuration(self) -> dict[str, Any]:
+        return {
+            **super()._configuration(),
+            "alpha": self.alpha,
+            "mc_softmax_samples": self.mc_softmax_samples,
+            "seed": self.seed,
+        }
+
+    def _own_state(self) -> dict[str, Any]:
+        Z, classes = self._inducing_inputs, self.inducing_classes
+        return {
+            "inducing_inputs": Z if isinstance(Z, torch.Tensor) else dict(Z),
+            # an empty tensor stands for None
+            "inducing_classes": torch.empty(0, dtype=torch.long)
+            if classes is None
+            else classes.detach().cpu(),
+            "L": self.L.detach(),
+            "fit_history": {k: list(v) for k, v in self.fit_history_.items()},
+        }
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        classes = state_dict["inducing_classes"]
+        self.inducing_classes = classes if classes.numel() else None
+        with eval_mode(self.model):
+            self._set_inducing(to_device(state_dict["inducing_inputs"], self._device))
+        k = len(self._J_Z)
+        if state_dict["L"].shape != (k * (k + 1) // 2,):
+            raise ValueError(
+                f"L has shape {tuple(state_dict['L'].shape)}; {k} inducing outputs "
+                f"need ({k * (k + 1) // 2},)."
+            )
+        self.L = state_dict["L"].to(self._device, self._dtype)
+        self.fit_history_ = {k: list(v) for k, v in state_dict["fit_history"].items()}
