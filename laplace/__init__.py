@@ -22,6 +22,7 @@ from laplace.functional import (
 )
 from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 from laplace.lowrank import LowRankLaplace
+from laplace.marglik_training import marglik_training
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
 from laplace.utils.enums import (
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Laplace",
+    "marglik_training",
     "BaseLaplace",
     "ParametricLaplace",
     "FullLaplace",
