@@ -12,9 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, MutableMapping
 
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import vjp
 
-from laplace.curvature._functional import Params, Payload, flatten, per_sample_model
+from laplace.curvature._functional import (
+    Params,
+    Payload,
+    flatten,
+    map_samples,
+    per_sample_model,
+)
 
 __all__ = ["diag_ggn"]
 
@@ -63,9 +69,11 @@ def diag_ggn(
             acc = sq if acc is None else acc + sq
         return acc, out
 
-    sq, f = vmap(
+    sq, f = map_samples(
         squared_columns,
-        in_dims=(None, in_dims, None if sqrt is None else 0),
-        randomness="different",
-    )(params, payload, sqrt)
+        (None, in_dims, None if sqrt is None else 0),
+        params,
+        payload,
+        sqrt,
+    )
     return sq.sum(0), f

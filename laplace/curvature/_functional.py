@@ -13,6 +13,7 @@ batch of one, so modules written for batched input work unchanged.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.func import functional_call, grad_and_value, jacrev, vmap
 __all__ = [
     "batch_size",
     "flatten",
+    "map_samples",
     "per_sample_gradients",
     "per_sample_jacobians",
     "per_sample_model",
@@ -99,6 +101,41 @@ def per_sample_model(
     return f1, payload, in_dims
 
 
+def _select(arg: Any, dims: Any, n: int) -> Any:
+    if dims is None:
+        return arg
+    if isinstance(dims, dict):
+        return {k: v[n] for k, v in arg.items()}
+    return arg[n]
+
+
+def map_samples(fn: Callable, in_dims: tuple, *args: Any) -> Any:
+    """``vmap(fn, in_dims)(*args)``, falling back to a loop over samples when the
+    model cannot be vectorised (data-dependent control flow, e.g. Hugging Face
+    attention-mask checks, or kernels without batching rules).
+
+    Only ``in_dims`` entries ``None``, ``0`` or a dict of ``0`` are supported.
+    """
+    try:
+        return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+    except RuntimeError as err:
+        warnings.warn(
+            f"torch.func.vmap failed on this model ({str(err).splitlines()[0]}); "
+            "falling back to a slower loop over samples.",
+            stacklevel=3,
+        )
+    batched = next(a for a, d in zip(args, in_dims) if d is not None)
+    n_samples = len(
+        next(iter(batched.values())) if isinstance(batched, dict) else batched
+    )
+    outs = [
+        fn(*(_select(a, d, n) for a, d in zip(args, in_dims))) for n in range(n_samples)
+    ]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs))
+    return torch.stack(outs)
+
+
 def per_sample_jacobians(
     module: nn.Module,
     params: Params,
@@ -124,7 +161,7 @@ def per_sample_jacobians(
         jac, out = jacrev(out_twice, has_aux=True)(p)
         return flatten(jac, n_lead=1), out
 
-    return vmap(jac_n, in_dims=(None, in_dims), randomness="different")(params, payload)
+    return map_samples(jac_n, (None, in_dims), params, payload)
 
 
 def per_sample_gradients(
@@ -150,6 +187,4 @@ def per_sample_gradients(
         g, loss = grad_and_value(lambda q: loss_n(f1(q, x_n), y_n))(p)
         return flatten(g, n_lead=0), loss
 
-    return vmap(grad_n, in_dims=(None, in_dims, 0), randomness="different")(
-        params, payload, y
-    )
+    return map_samples(grad_n, (None, in_dims, 0), params, payload, y)
