@@ -11,8 +11,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from laplace.base import eval_mode
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.diag import DiagLaplace
+from laplace.parametric.fast_glm import (
+    Block,
+    diag_blocks,
+    full_last_layer_variance,
+    identity_output_variance,
+    kron_blocks,
+    weight_variance,
+)
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.utils.enums import FeatureReduction, Likelihood
@@ -138,10 +147,41 @@ class LLLaplace(ParametricLaplace):
         return functional_call(self.model.last_layer, params, (features,))
 
     def functional_variance_fast(self, X: Any) -> torch.Tensor:
-        """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``."""
+        """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``, in closed
+        form from the features (no Jacobians); ``__call__`` uses the same route."""
         self._check_fitted()
-        Js, _ = self._jacobians(X)
-        return self._functional_variance_diag(Js)
+        X = self._to_device(X)
+        with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            return self._glm_predictive_distribution(X, diagonal_output=True)[1]
+
+    def _glm_fast_route(
+        self, x: Any, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        layer = self.model.last_layer
+        if type(layer) is not nn.Linear:
+            return None
+        out, phi = self.model.forward_with_features(x)
+        f = out if out.ndim == 2 else layer(phi)
+        if phi.ndim != 2:
+            return None
+        return f, self._last_layer_variance(phi.to(self._dtype), diagonal)
+
+    def _last_layer_variance(self, phi: torch.Tensor, diagonal: bool) -> torch.Tensor:
+        """GLM variance of ``f = W phi + b`` from features ``phi (batch, D)``:
+        ``(batch, O, O)``, or ``(batch, O)`` with ``diagonal``. Here ``J_n`` is the
+        identity kron ``phi_n``, so each block only needs ``phi`` rotated into its
+        input basis (see :mod:`laplace.parametric.fast_glm`)."""
+        var = 0
+        for param, block in zip(self.params, self._last_layer_blocks()):
+            if param.ndim >= 2:
+                var = var + weight_variance(block, phi.unsqueeze(1), None, diagonal)
+            else:
+                w = block.inv.expand(len(phi), -1)
+                var = var + identity_output_variance(block.out_basis, w, diagonal)
+        return var
+
+    def _last_layer_blocks(self) -> list[Block]:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "last_layer_name": self.model.last_layer_name}
@@ -166,11 +206,32 @@ class FullLLLaplace(LLLaplace, FullLaplace):
 
     _key = ("last_layer", "full")
 
+    def _last_layer_variance(self, phi: torch.Tensor, diagonal: bool) -> torch.Tensor:
+        # blocks of Sigma contracted with phi; rows chunked to bound the
+        # (rows, O, O, D) intermediate
+        names = [
+            n for n, p in self.model.last_layer.named_parameters() if p.requires_grad
+        ]
+        O, D = self.n_outputs, phi.shape[1]
+        rows = max(1, self.glm_chunk_elements // (O * O * D))
+        cov = self.posterior_covariance
+        return torch.cat(
+            [
+                full_last_layer_variance(
+                    chunk, cov, O, "weight" in names, "bias" in names, diagonal
+                )
+                for chunk in phi.split(rows)
+            ]
+        )
+
 
 class KronLLLaplace(LLLaplace, KronLaplace):
     """Last-layer Laplace with a Kronecker-factored posterior precision."""
 
     _key = ("last_layer", "kron")
+
+    def _last_layer_blocks(self) -> list[Block]:
+        return kron_blocks(self.posterior_precision)
 
     def __init__(
         self,
@@ -189,3 +250,6 @@ class DiagLLLaplace(LLLaplace, DiagLaplace):
     """Last-layer Laplace with a diagonal posterior precision."""
 
     _key = ("last_layer", "diag")
+
+    def _last_layer_blocks(self) -> list[Block]:
+        return diag_blocks(self.posterior_variance, self.params)

@@ -107,7 +107,8 @@ def test_all_indices_equal_full_and_diag_laplace(structure, likelihood):
     assert_same_posterior(sub, ref, likelihood)
     s1 = sub.sample(4, generator=torch.Generator().manual_seed(2))
     s2 = ref.sample(4, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(s1, s2, rtol=0, atol=0)
+    # same draws; only float round-off differs between the two code paths
+    torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-13)
     nn1 = sub(
         X_TEST,
         pred_type="nn",

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace, eval_mode
+from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.enums import Likelihood
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
@@ -103,15 +104,29 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             added to the existing one (continual learning), the mean is reset to
             the current parameters.
         progress_bar : bool, default=False
+
+        Notes
+        -----
+        Under an initialised ``torch.distributed`` process group with more than
+        one rank, a loader with a ``DistributedSampler`` is a shard: loss and
+        curvature are summed over all ranks (sampler padding dropped), so every
+        rank gets the posterior of the whole data set; see
+        :mod:`laplace.distributed` and docs/distributed.md.
         """
         n_new = self._dataset_size(train_loader)
+        shard = data_shard(train_loader, n_new)
+        if shard is not None:
+            n_new = shard.global_size
         if override or not self.is_fitted:
             self._init_H()
             self.loss, self.n_data = 0.0, 0
         else:
             self._before_accumulate(n_new)
+        carried = self._start_shard() if shard is not None else None
         n_total = self.n_data + n_new
         batches = self._batches(train_loader)
+        if shard is not None:
+            batches = shard.unpadded(batches, self.dict_key_x)
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -125,11 +140,46 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
                 self.loss = self.loss + loss_batch.detach().to(self._dtype)
                 self.H = self.H + H_batch
                 seen += 1
+        if shard is not None:
+            seen = self._reduce_across_ranks(seen, carried)
         if seen == 0:
             raise ValueError("train_loader yielded no batches.")
         self.n_data = n_total
         self._check_finite_fit()
         self._after_fit()
+
+    def _start_shard(self) -> tuple[Any, list[torch.Tensor]]:
+        """Set aside what an earlier fit left (``override=False``): only the new
+        data is summed over the ranks."""
+        carried = (self.loss, self._curvature_tensors())
+        self._init_H()
+        self.loss = 0.0
+        return carried
+
+    def _reduce_across_ranks(
+        self, seen: int, carried: tuple[Any, list[torch.Tensor]]
+    ) -> int:
+        """Sum loss and curvature of a sharded fit over all ranks (see
+        :mod:`laplace.distributed`), add back ``carried``; returns the batches
+        seen by all ranks."""
+        loss = torch.as_tensor(self.loss, dtype=self._dtype, device=self._device)
+        reduced = all_reduce_sum([loss.reshape(1), *self._curvature_tensors()])
+        self.loss = carried[0] + reduced[0].reshape(())
+        self._set_curvature_tensors([c + r for c, r in zip(carried[1], reduced[1:])])
+        # a rank without batches has not seen the outputs yet
+        self.n_outputs = all_reduce_max(self.n_outputs or 0, self._device) or None
+        return all_reduce_max(seen, self._device)
+
+    def _curvature_tensors(self) -> list[torch.Tensor]:
+        """The accumulated curvature as tensors (for ``all_reduce``)."""
+        if not isinstance(self.H, torch.Tensor):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support distributed fitting."
+            )
+        return [self.H]
+
+    def _set_curvature_tensors(self, tensors: list[torch.Tensor]) -> None:
+        (self.H,) = tensors
 
     def _refresh_mean(self) -> None:
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 
 from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.fast_glm import diag_blocks
+from laplace.parametric.layer_curvature import exact_ggn_closure
 
 __all__ = ["DiagLaplace"]
 
@@ -23,6 +25,10 @@ class DiagLaplace(ParametricLaplace):
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
+        if not self._diag_kwargs():
+            found = exact_ggn_closure(self, X, y, "diag")
+            if found is not None:
+                return found
         loss, H = self.backend.diag(X, y, **self._diag_kwargs())
         return loss, H.to(self._dtype)
 
@@ -54,6 +60,15 @@ class DiagLaplace(ParametricLaplace):
 
     def _functional_variance_diag(self, Js: torch.Tensor) -> torch.Tensor:
         return (Js.square() * self.posterior_variance).sum(-1)
+
+    def _glm_fast_route(
+        self, x: Any, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # per layer with identity bases: no Jacobians (see fast_glm)
+        if not self._treats_all_weights:
+            return None
+        blocks = diag_blocks(self.posterior_variance, self.params)
+        return self._per_layer_glm(x, blocks, diagonal)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
         return delta @ (self.posterior_precision * delta)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.layer_curvature import exact_ggn_closure
 
 __all__ = ["FullLaplace"]
 
@@ -29,6 +30,9 @@ class FullLaplace(ParametricLaplace):
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
+        found = exact_ggn_closure(self, X, y, "full")
+        if found is not None:
+            return found
         loss, H = self.backend.full(X, y)
         return loss, H.to(self._dtype)
 
@@ -38,6 +42,8 @@ class FullLaplace(ParametricLaplace):
 
     def _hyperparameters_changed(self) -> None:
         self._scale_cache = None
+        self._cov_cache = None
+        self._chol_cache = None
 
     @property
     def H_eigenvalues(self) -> torch.Tensor:
@@ -59,12 +65,22 @@ class FullLaplace(ParametricLaplace):
         needs_graph = torch.is_grad_enabled() and self._hyperparameters_need_grad()
         if self._scale_cache is not None and not needs_graph:
             return self._scale_cache
-        L = self._cholesky(self.posterior_precision)
+        L = self._posterior_cholesky()
         eye = torch.eye(self.n_params, device=L.device, dtype=L.dtype)
         scale = torch.linalg.solve_triangular(L, eye, upper=False).T
         if not needs_graph:
             self._scale_cache = scale.detach()
         return scale
+
+    def _posterior_cholesky(self) -> torch.Tensor:
+        """Lower Cholesky factor ``L`` of ``P = L L^T`` (cached like the scale)."""
+        needs_graph = torch.is_grad_enabled() and self._hyperparameters_need_grad()
+        if self._chol_cache is not None and not needs_graph:
+            return self._chol_cache
+        L = self._cholesky(self.posterior_precision)
+        if not needs_graph:
+            self._chol_cache = L.detach()
+        return L
 
     def _hyperparameters_need_grad(self) -> bool:
         return any(
@@ -85,9 +101,15 @@ class FullLaplace(ParametricLaplace):
 
     @property
     def posterior_covariance(self) -> torch.Tensor:
-        """``P^{-1}``, ``(n_params, n_params)``."""
+        """``P^{-1}``, ``(n_params, n_params)`` (cached like the scale)."""
+        needs_graph = torch.is_grad_enabled() and self._hyperparameters_need_grad()
+        if self._cov_cache is not None and not needs_graph:
+            return self._cov_cache
         scale = self.posterior_scale
-        return scale @ scale.T
+        cov = scale @ scale.T
+        if not needs_graph:
+            self._cov_cache = cov.detach()
+        return cov
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
@@ -103,6 +125,14 @@ class FullLaplace(ParametricLaplace):
         L = self._cholesky(self.posterior_precision)
         return 2 * L.diagonal().log().sum()
 
+    def _glm_fast_route(
+        self, x: Any, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Jacobians from layer factors: cheaper than per-sample autograd
+        if not self._treats_all_weights:
+            return None
+        return self._per_layer_glm(x, None, diagonal)
+
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
         WS = W @ self.posterior_scale  # (batch, k, P)
         return WS @ WS.transpose(-1, -2)
@@ -111,4 +141,7 @@ class FullLaplace(ParametricLaplace):
         return delta @ self.posterior_precision @ delta
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        return eps @ self.posterior_scale.T
+        # rows eps S^T with S = L^{-T}: solve L^T d^T = eps^T, half the work of a
+        # dense product with S
+        L = self._posterior_cholesky()
+        return torch.linalg.solve_triangular(L.mT, eps.mT, upper=True).mT

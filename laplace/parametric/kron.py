@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from laplace.parametric.base import ParametricLaplace
+from laplace.parametric.fast_glm import kron_blocks
+from laplace.parametric.layer_curvature import exact_ggn_closure
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron, KronDecomposed
 
@@ -75,6 +77,9 @@ class KronLaplace(ParametricLaplace):
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
+        found = exact_ggn_closure(self, X, y, "kron", N)
+        if found is not None:
+            return found
         return self.backend.kron(X, y, N=N)
 
     def _before_accumulate(self, n_new: int) -> None:
@@ -87,6 +92,13 @@ class KronLaplace(ParametricLaplace):
                 for block in self.H_facs.kfacs
             ]
         )
+
+    def _curvature_tensors(self) -> list[torch.Tensor]:
+        return [F for block in self.H.kfacs for F in block]
+
+    def _set_curvature_tensors(self, tensors: list[torch.Tensor]) -> None:
+        it = iter(tensors)
+        self.H = Kron([[next(it) for _ in block] for block in self.H.kfacs])
 
     def _curvature_is_finite(self) -> bool:
         return all(bool(torch.isfinite(f).all()) for b in self.H.kfacs for f in b)
@@ -111,6 +123,14 @@ class KronLaplace(ParametricLaplace):
 
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
         return self.posterior_precision.inv_square_form(W)
+
+    def _glm_fast_route(
+        self, x: Any, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # per layer in the factors' eigenbases: no Jacobians (see fast_glm)
+        if not self._treats_all_weights:
+            return None
+        return self._per_layer_glm(x, kron_blocks(self.posterior_precision), diagonal)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
         return delta @ self.posterior_precision.bmm(delta, exponent=1)

@@ -8,18 +8,31 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from laplace.base import eval_mode
+from laplace.parametric.fast_glm import (
+    Block,
+    block_variance,
+    dense_variance,
+    per_layer_glm,
+    row_chunks,
+)
 from laplace.predictive import glm_link
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.utils import normal_samples
 
 Inputs = torch.Tensor | MutableMapping
+# weight samples per vectorised forward pass of the nn predictive
+_MAX_SAMPLE_CHUNK = 32
 
 
 class ParametricPredictionMixin:
     """Prediction methods of :class:`~laplace.ParametricLaplace`."""
+
+    #: Entries of Jacobians (or of per-layer output gradients) that a GLM
+    #: predictive holds at once; larger inputs are processed in chunks of rows.
+    glm_chunk_elements: int = 2**25
 
     # ---- argument checks ---------------------------------------------------------------
     def _check_predict_args(
@@ -115,13 +128,66 @@ class ParametricPredictionMixin:
     def _glm_predictive_distribution(
         self, x: Inputs, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(batch, n_outputs)`` and covariance of the linearised network."""
-        Js, f_mu = self._jacobians(x)
+        """Mean ``(batch, n_outputs)`` and covariance of the linearised network.
+
+        Structures with a cheaper exact route than Jacobians use it (see
+        :meth:`_glm_fast_route`); otherwise Jacobians are formed a chunk of rows
+        at a time, at most ``glm_chunk_elements`` entries at once.
+        """
         if joint:
+            Js, f_mu = self._jacobians(x)
             return f_mu.flatten(), self.functional_covariance(Js)
-        if diagonal_output:
-            return f_mu, self._functional_variance_diag(Js)
-        return f_mu, self.functional_variance(Js)
+        fast = self._glm_fast_route(x, diagonal_output)
+        if fast is not None:
+            return fast
+        rows = max(1, self.glm_chunk_elements // (self.n_outputs * self.n_params))
+        means, variances = [], []
+        for xc in row_chunks(x, rows, self.dict_key_x):
+            Js, f_mu = self._jacobians(xc)
+            means.append(f_mu)
+            variances.append(self._square_form(Js, diagonal_output))
+        return torch.cat(means), torch.cat(variances)
+
+    def _glm_fast_route(
+        self, x: Inputs, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Hook: outputs and GLM variances without the ``(batch, n_outputs,
+        n_params)`` Jacobian, or ``None`` when the structure has no such route."""
+        return None
+
+    @property
+    def _treats_all_weights(self) -> bool:
+        # subnetwork and last-layer subclasses restrict the Jacobians themselves
+        return self._key is not None and self._key[0] == "all"
+
+    def _per_layer_glm(
+        self, x: Inputs, blocks: list[Block] | None, diagonal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:func:`~laplace.parametric.fast_glm.per_layer_glm` on this posterior:
+        with ``blocks`` per parameter tensor, else with Jacobians assembled from
+        the layer factors and :meth:`functional_variance`."""
+        if blocks is not None:
+            variance, extra = block_variance(blocks, self._dtype), 0
+        else:
+            variance = dense_variance(self._square_form, self.n_params, self._dtype)
+            extra = self.n_params
+        return per_layer_glm(
+            self.model,
+            self.params,
+            variance,
+            x,
+            self.n_outputs,
+            diagonal,
+            keep_graph=self.enable_backprop,
+            budget=self.glm_chunk_elements,
+            dict_key_x=self.dict_key_x,
+            per_output_extra=extra,
+        )
+
+    def _square_form(self, Js: torch.Tensor, diagonal: bool) -> torch.Tensor:
+        if diagonal:
+            return self._functional_variance_diag(Js)
+        return self.functional_variance(Js)
 
     def _jacobians(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         Js, f = self.backend.jacobians(x, enable_backprop=self.enable_backprop)
@@ -205,14 +271,25 @@ class ParametricPredictionMixin:
         generator: torch.Generator | None,
         model_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``."""
+        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``.
+
+        Several samples share one vectorised forward pass (``torch.func.vmap``);
+        a model that cannot be vectorised runs one sample at a time.
+        """
         samples = self.sample(n_samples, generator)
         names = self._treated_parameter_names()
-        outputs = []
-        for theta in samples:
+
+        def forward(theta: torch.Tensor) -> torch.Tensor:
             params = dict(zip(names, self._unflatten(theta)))
-            outputs.append(self._forward_with(params, x, model_kwargs))
-        return torch.stack(outputs)
+            return self._forward_with(params, x, model_kwargs)
+
+        # the activations of a chunk grow with the input: bound chunk * input
+        size = x.numel() if isinstance(x, torch.Tensor) else self.glm_chunk_elements
+        chunk = max(1, min(_MAX_SAMPLE_CHUNK, self.glm_chunk_elements // (8 * size)))
+        try:
+            return torch.cat([vmap(forward)(c) for c in samples.split(chunk)])
+        except RuntimeError:
+            return torch.stack([forward(theta) for theta in samples])
 
     def _treated_parameter_names(self) -> list[str]:
         ids = {id(p) for p in self.params}
