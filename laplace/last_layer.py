@@ -115,15 +115,43 @@ class LLLaplace(ParametricLaplace):
         super().fit(train_loader, override=override, progress_bar=progress_bar)
 
     def _features(self, X: Any) -> torch.Tensor:
+        # kept in the model's dtype: the last layer (and the backend) consume them
         with torch.set_grad_enabled(self.enable_backprop):
-            return self.model.forward_with_features(X)[1].to(self._dtype)
+            return self.model.forward_with_features(X)[1]
 
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
-        return super()._curv_closure(self._features(X), y, N)
+        features = self._features(X)
+        if self.likelihood is not Likelihood.REWARD_MODELING or features.ndim != 3:
+            return super()._curv_closure(features, y, N)
+        # Preference pairs (batch, 2, n_features): the curvature is that of a
+        # classifier whose two logits are the rewards of the pair's items.
+        backend = self._backend
+        self._backend = self._pair_backend()
+        try:
+            return super()._curv_closure(features, y, N)
+        finally:
+            self._backend = backend
+
+    def _pair_backend(self) -> Any:
+        cls = self._backend_cls or self._default_backend()
+        return cls(
+            _PairRewards(self.model.last_layer),
+            Likelihood.CLASSIFICATION,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **self.backend_kwargs,
+        )
 
     def _jacobians(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.likelihood is Likelihood.REWARD_MODELING:
+            features = self._features(x)
+            if features.ndim == 3:  # preference pairs: Jacobians of both logits
+                Js, f = self._pair_backend().jacobians(
+                    features, enable_backprop=self.enable_backprop
+                )
+                return Js.to(self._dtype), f
         Js, f = self.backend.last_layer_jacobians(
             x, enable_backprop=self.enable_backprop
         )
@@ -199,6 +227,18 @@ class LLLaplace(ParametricLaplace):
                 f"State dict was fitted on last layer {name!r}, this Laplace uses "
                 f"{self.model.last_layer_name!r}."
             )
+
+
+class _PairRewards(nn.Module):
+    """Rewards of both items of preference pairs as two logits: features
+    ``(batch, 2, n_features)`` -> ``(batch, 2)``; shares the layer's parameters."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layer(features).squeeze(-1)
 
 
 class FullLLLaplace(LLLaplace, FullLaplace):

@@ -191,7 +191,9 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
     def _prepare_batch(self, X: Any, y: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """Learn ``n_outputs`` on the first batch and check the targets against it."""
         if self.n_outputs is None:
-            self.n_outputs = int(self._model_outputs(X).shape[-1])
+            # reward models output one reward per item; pairs give two logits
+            rewards = self.likelihood is Likelihood.REWARD_MODELING
+            self.n_outputs = 1 if rewards else int(self._model_outputs(X).shape[-1])
         return X, self._check_targets(y)
 
     def _check_targets(self, y: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,10 @@ class ParametricPredictionMixin:
                 samples = self._nn_function_samples(
                     x, n_samples, generator, model_kwargs
                 )
-                if self.likelihood is Likelihood.CLASSIFICATION:
+                if self._predicts_classes(fitting):
                     return torch.softmax(samples, dim=-1).mean(0)
                 return samples.mean(0), samples.var(0)
-            classification = self.likelihood is Likelihood.CLASSIFICATION
+            classification = self._predicts_classes(fitting)
             probit_only = classification and link_approx is LinkApprox.PROBIT
             f_mu, f_var = self._glm_predictive_distribution(
                 x, joint=joint, diagonal_output=diagonal_output or probit_only
@@ -119,6 +119,13 @@ class ParametricPredictionMixin:
             if not classification:
                 return f_mu, f_var
             return glm_link(f_mu, f_var, link_approx, n_samples, generator)
+
+    def _predicts_classes(self, fitting: bool) -> bool:
+        """Class probabilities for classification, and for reward modelling on
+        preference pairs when ``fitting=True``; (mean, variance) otherwise."""
+        return self.likelihood is Likelihood.CLASSIFICATION or (
+            fitting and self.likelihood is Likelihood.REWARD_MODELING
+        )
 
     def _to_device(self, x: Inputs) -> Inputs:
         from laplace.utils.data import to_device

@@ -1,0 +1,92 @@
+"""Reward modelling: fit as classification on preference pairs, predict rewards
+as regression. Ground truth: the dense GGN of the pairwise cross-entropy with
+logits (r(x_1), r(x_2)), built with torch.func."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace import Laplace
+
+
+class RewardModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(3, 5), nn.Tanh())
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x):
+        r = self.head(self.body(x))
+        return r.squeeze(-1) if x.ndim == 3 else r  # pairs -> (batch, 2) logits
+
+
+def pairs(n=16):
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(n, 2, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(2, (n,), generator=gen)
+    return X, y
+
+
+def dense_pair_ggn(model, X, last_layer):
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    if last_layer:
+        named = {k: v for k, v in named.items() if k.startswith("head.")}
+    J = jacrev(lambda p: functional_call(model, p, (X,)))(named)
+    J = torch.cat([j.reshape(len(X), 2, -1) for j in J.values()], -1)
+    p = torch.softmax(model(X).detach(), -1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    return torch.einsum("bop,boq,bqr->pr", J, lam, J)
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_reward_model_posterior_and_prediction(subset):
+    model = RewardModel().double()
+    X, y = pairs()
+    la = Laplace(model, "reward_modeling", subset, "full", prior_precision=0.5)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=6))
+    ggn = dense_pair_ggn(model, X, subset == "last_layer")
+    P = ggn + 0.5 * torch.eye(len(ggn))
+    torch.testing.assert_close(la.posterior_precision, P, rtol=1e-8, atol=1e-12)
+    # prediction on single items is a regression of the reward
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f_mu, f_var = la(x)
+    assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1)
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    if subset == "last_layer":
+        named = {k: v for k, v in named.items() if k.startswith("head.")}
+    J = jacrev(lambda p: functional_call(model, p, (x,)))(named)
+    J = torch.cat([j.reshape(4, 1, -1) for j in J.values()], -1)
+    expected = J @ torch.linalg.solve(P, J.transpose(1, 2))
+    torch.testing.assert_close(f_var, expected, rtol=1e-8, atol=1e-12)
+    # with fitting=True the pairs get class probabilities
+    probs = la(X[:3], fitting=True)
+    assert probs.shape == (3, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_reward_model_last_layer_structures_fit(structure):
+    model = RewardModel().double()
+    X, y = pairs()
+    la = Laplace(model, "reward_modeling", "last_layer", structure)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=6))
+    assert torch.isfinite(la.log_marginal_likelihood())
+    f_mu, f_var = la(torch.randn(2, 3, dtype=torch.float64))
+    assert f_var.shape == (2, 1, 1) and (f_var > 0).all()
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_bfloat16_model_posterior_in_float32(subset, structure):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).bfloat16()
+    X = torch.randn(30, 4).bfloat16()
+    y = torch.randint(3, (30,))
+    la = Laplace(model, "classification", subset, structure)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=10))
+    probs = la(X[:3])
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert la.log_marginal_likelihood().dtype == torch.float32
