@@ -182,3 +182,11 @@ def test_tiny_prior_on_degenerate_curvature_never_gives_silent_nan(structure):
     assert math.isfinite(lml.item())
     f_mu, f_var = la(torch.randn(3, 3, dtype=torch.float64))
     assert torch.isfinite(f_var).all()
+
+
+def test_wrong_input_dtype_or_type_is_reported_before_any_work():
+    la = fitted("classification", "diag")
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        la(torch.randn(2, 3, dtype=torch.float32))
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        la([[0.0, 1.0, 2.0]])

@@ -128,8 +128,21 @@ class ParametricPredictionMixin:
         )
 
     def _to_device(self, x: Inputs) -> Inputs:
+        """Move ``x`` to the model's device after checking what it is: a clear
+        error here beats one from deep inside the model."""
         from laplace.utils.data import to_device
 
+        if not isinstance(x, torch.Tensor | MutableMapping):
+            raise TypeError(
+                f"x must be a Tensor or a dict-like batch; got {type(x).__name__}."
+            )
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            model_dtype = self.params[0].dtype
+            if x.dtype != model_dtype:
+                raise ValueError(
+                    f"x has dtype {x.dtype} but the model's parameters are "
+                    f"{model_dtype}; cast the inputs with x.to({model_dtype})."
+                )
         return to_device(x, self._device)
 
     def _glm_predictive_distribution(
