@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.utils.data import dataset_size, split_batch, to_device
+from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.utils import _is_valid_scalar
 
@@ -250,7 +250,7 @@ class BaseLaplace:
         self, loader: Iterable
     ) -> Iterator[tuple[torch.Tensor | MutableMapping, torch.Tensor]]:
         """Yield ``(X, y)`` of every batch, on the model's device."""
-        for batch in loader:
+        for batch in iterate_batches(loader):
             X, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
             yield to_device(X, self._device), y.to(self._device)
 

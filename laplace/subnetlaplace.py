@@ -177,8 +177,8 @@ class SubnetLaplace(ParametricLaplace):
         return self.mean[self.subnetwork_indices]
 
     @property
-    def scatter(self) -> torch.Tensor:
-        return self.square_norm(self.mean_subnet)
+    def _prior_deviation(self) -> torch.Tensor:
+        return self.mean_subnet - self.prior_mean
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
         # log_prob gets full-length values (as returned by sample): the Gaussian

@@ -272,9 +272,22 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         return delta @ (self.prior_precision_diag * delta)
 
     @property
+    def _prior_deviation(self) -> torch.Tensor:
+        """``theta_MAP - prior_mean`` over the parameters the prior covers."""
+        return self.mean - self.prior_mean
+
+    @property
     def scatter(self) -> torch.Tensor:
         """``(theta_MAP - prior_mean)^T P_0 (theta_MAP - prior_mean)``."""
-        return self.square_norm(self.mean)
+        delta = self._prior_deviation
+        return delta @ (self.prior_precision_diag * delta)
+
+    def _H_spectrum(self) -> tuple[torch.Tensor, int] | None:
+        """Eigenvalues of ``H`` such that ``log det P = sum_i log(c lambda_i +
+        delta_i)``, ``(n,)``, and the finest prior length for which this holds (1:
+        scalar; ``n_layers``: eigenvalues in parameter-tensor order; ``n``: one per
+        parameter), or ``None``. Used by the closed-form prior tuning."""
+        return None
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         """Log density of the posterior at ``value`` ``(n_params,)``."""

@@ -55,6 +55,9 @@ class DiagLaplace(ParametricLaplace):
     def log_det_posterior_precision(self) -> torch.Tensor:
         return self.posterior_precision.log().sum()
 
+    def _H_spectrum(self) -> tuple[torch.Tensor, int]:
+        return self.H, self.H.numel()
+
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
         return (W * self.posterior_variance) @ W.transpose(-1, -2)
 

@@ -125,6 +125,9 @@ class FullLaplace(ParametricLaplace):
         L = self._cholesky(self.posterior_precision)
         return 2 * L.diagonal().log().sum()
 
+    def _H_spectrum(self) -> tuple[torch.Tensor, int]:
+        return self.H_eigenvalues, 1
+
     def _glm_fast_route(
         self, x: Any, diagonal: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:

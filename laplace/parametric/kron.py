@@ -121,6 +121,16 @@ class KronLaplace(ParametricLaplace):
     def log_det_posterior_precision(self) -> torch.Tensor:
         return self.posterior_precision.logdet()
 
+    def _H_spectrum(self) -> tuple[torch.Tensor, int] | None:
+        if self.damping or not isinstance(self.H, KronDecomposed):
+            # damping adds the prior to each factor, not to the product's eigenvalues
+            return None
+        evals = [
+            torch.outer(*ls).flatten() if len(ls) == 2 else ls[0]
+            for ls in self.H.eigenvalues
+        ]
+        return torch.cat(evals), self.n_layers
+
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
         return self.posterior_precision.inv_square_form(W)
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 
 Batch = tuple[Any, torch.Tensor] | MutableMapping
 
@@ -77,3 +84,38 @@ def dataset_size(loader: Iterable) -> int:
     if n == 0:
         raise ValueError("train_loader is empty: len(train_loader.dataset) == 0.")
     return n
+
+
+def iterate_batches(loader: Iterable) -> Iterator[Any]:
+    """Iterate over ``loader``'s batches.
+
+    A plain in-order ``DataLoader`` over a ``TensorDataset`` (no shuffling, default
+    collate, no worker processes) yields copies of consecutive slices of the
+    tensors: the same batches as the loader itself, without indexing and stacking
+    each example in Python (which dominates small fits).
+    """
+    tensors = _sliceable_tensors(loader)
+    if tensors is None:
+        yield from loader
+        return
+    size = loader.batch_size
+    n = len(tensors[0])
+    stop = n - n % size if loader.drop_last else n
+    for start in range(0, stop, size):
+        # copies, like the default collate: a model that changes its inputs in
+        # place must not change the data set
+        yield [t[start : start + size].clone() for t in tensors]
+
+
+def _sliceable_tensors(loader: Iterable) -> tuple[torch.Tensor, ...] | None:
+    if type(loader) is not DataLoader or type(loader.dataset) is not TensorDataset:
+        return None
+    plain = (
+        loader.batch_size is not None
+        and type(loader.sampler) is SequentialSampler
+        and type(loader.batch_sampler) is BatchSampler
+        and loader.collate_fn is default_collate
+        and loader.num_workers == 0
+        and not loader.pin_memory
+    )
+    return loader.dataset.tensors if plain else None
