@@ -12,6 +12,16 @@ def _float64_default():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on tiny matrices thread start-up dominates on a busy
+    2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

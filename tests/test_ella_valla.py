@@ -8,8 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from ground_truth import (
+    dense_ggn,
+    dense_jacobians,
+    output_hessians,
+    tiny_data,
+    tiny_net,
+)
 from torch import nn
-from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace.functional import ELLA, VaLLA
@@ -25,47 +31,7 @@ from laplace.utils.functional_utils import balanced_indices, training_indices
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: thread start-up dominates on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_net(n_out, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
-
-
-def data(likelihood, n_out, n, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    if likelihood == "classification":
-        y = torch.randint(n_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
-    return X, y
-
-
-def dense_jacobians(model, X):
-    named = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(lambda p: functional_call(model, p, (X,)))(named)
-    return torch.cat([j.reshape(len(X), j.shape[1], -1) for j in jac.values()], -1)
-
-
-def output_hessians(f, likelihood):
-    if likelihood == "classification":
-        p = torch.softmax(f, -1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return torch.eye(f.shape[-1]).expand(len(f), -1, -1)
-
-
-def dense_ggn(model, X, likelihood):
-    J = dense_jacobians(model, X)
-    lam = output_hessians(model(X).detach(), likelihood)
-    return torch.einsum("nop,noq,nqr->pr", J, lam, J)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [("regression", 1), ("regression", 2), ("classification", 3)]
@@ -76,7 +42,7 @@ CASES = [("regression", 1), ("regression", 2), ("classification", 3)]
 
 def _ella(likelihood, n_out, n=32, k=None, **kwargs):
     model = tiny_net(n_out)
-    X, y = data(likelihood, n_out, n)
+    X, y = tiny_data(likelihood, n_out, n)
     sigma = 0.6 if likelihood == "regression" else 1.0
     n_params = sum(p.numel() for p in model.parameters())
     la = ELLA(
@@ -125,7 +91,7 @@ def test_ella_with_all_eigenpairs_is_exact_linearised_laplace(likelihood, n_out)
 def test_ella_truncated_matches_dense_nystrom(likelihood, n_out):
     k, m = 6, 10
     model = tiny_net(n_out)
-    X, y = data(likelihood, n_out, 30)
+    X, y = tiny_data(likelihood, n_out, 30)
     la = ELLA(
         model,
         likelihood,
@@ -155,7 +121,7 @@ def test_ella_truncated_matches_dense_nystrom(likelihood, n_out):
 
 def test_ella_balanced_subsample():
     model = tiny_net(3)
-    X, y = data("classification", 3, 30)
+    X, y = tiny_data("classification", 3, 30)
     y = torch.tensor([0] * 20 + [1] * 5 + [2] * 5)[torch.randperm(30)]  # unbalanced
     la = ELLA(model, "classification", subsample_size=9, n_eigenvalues=5, seed=2)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True), balanced=True)
@@ -175,8 +141,8 @@ def test_ella_balanced_subsample():
 
 def test_ella_early_stopping_and_tuning():
     model = tiny_net(1)
-    X, y = data("regression", 1, 32)
-    X_val, y_val = data("regression", 1, 12, seed=4)
+    X, y = tiny_data("regression", 1, 32)
+    X_val, y_val = tiny_data("regression", 1, 12, seed=4)
     val = DataLoader(TensorDataset(X_val, y_val), batch_size=6)
     la = ELLA(
         model, "regression", subsample_size=8, n_eigenvalues=4, prior_precision=0.1
@@ -244,7 +210,7 @@ def test_ella_misuse():
         ELLA(model, "regression", 5, 2, prior_mean=0.3)
     with pytest.raises(ValueError, match="exceeds"):
         ELLA(model, "regression", 50, 2).fit(
-            DataLoader(TensorDataset(*data("regression", 2, 10)), batch_size=5)
+            DataLoader(TensorDataset(*tiny_data("regression", 2, 10)), batch_size=5)
         )
     la, *_ = _ella("regression", 1, n=16, k=4)
     with pytest.raises(ValueError, match="pred_type='gp'"):
@@ -265,7 +231,7 @@ def _optimal_valla(likelihood, n_out, alpha=1.0, n=6):
     """VaLLA with Z = X and S set to the exact posterior of the inducing outputs,
     (K^{-1} + c Lambda)^{-1}, for the prior precision and noise it holds."""
     model = tiny_net(n_out)
-    X, y = data(likelihood, n_out, n)
+    X, y = tiny_data(likelihood, n_out, n)
     sigma = 0.7 if likelihood == "regression" else 1.0
     la = VaLLA(
         model,
@@ -333,7 +299,7 @@ def test_valla_training_approaches_linearised_laplace():
     precision (S = K_ZZ) is off by 15-20% (checked below)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-    X, y = data("regression", 1, 12)
+    X, y = tiny_data("regression", 1, 12)
     la = VaLLA(model, "regression", X, alpha=0.0, prior_precision=0.9, sigma_noise=0.7)
     X_test = X[:5] + 0.1  # near the data, where the posterior differs from the prior
     la.fit(DataLoader(TensorDataset(X, y), batch_size=12), iterations=300, lr=0.02)
@@ -351,9 +317,11 @@ def test_valla_training_approaches_linearised_laplace():
 
 def test_valla_classification_fits_and_is_reproducible():
     model = tiny_net(3)
-    X, y = data("classification", 3, 24)
+    X, y = tiny_data("classification", 3, 24)
     loader = DataLoader(TensorDataset(X, y), batch_size=7, shuffle=False)  # uneven
-    val = DataLoader(TensorDataset(*data("classification", 3, 6, seed=3)), batch_size=6)
+    val = DataLoader(
+        TensorDataset(*tiny_data("classification", 3, 6, seed=3)), batch_size=6
+    )
     runs = []
     for _ in range(2):
         la = VaLLA(
@@ -384,7 +352,7 @@ def test_valla_uncached_minibatches_match_cached(monkeypatch):
     import laplace.functional.valla as valla_module
 
     model = tiny_net(2)
-    X, y = data("regression", 2, 10)
+    X, y = tiny_data("regression", 2, 10)
     loader = DataLoader(TensorDataset(X, y), batch_size=10)
     fits = []
     for budget in (valla_module._CACHE_ELEMENTS, 0):
@@ -400,7 +368,7 @@ def test_valla_uncached_minibatches_match_cached(monkeypatch):
 
 def test_valla_inducing_choices():
     model = tiny_net(3)
-    X, y = data("classification", 3, 40)
+    X, y = tiny_data("classification", 3, 40)
     loader = DataLoader(TensorDataset(X, y), batch_size=10, shuffle=True)
     la = VaLLA(
         model,
@@ -428,7 +396,7 @@ def test_valla_inducing_choices():
 
 def test_valla_state_dict_round_trip():
     model = tiny_net(2)
-    X, y = data("regression", 2, 12)
+    X, y = tiny_data("regression", 2, 12)
     la = VaLLA(model, "regression", "random", num_inducing=3, alpha=0.3)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=6), iterations=5, lr=1e-2)
     buffer = io.BytesIO()

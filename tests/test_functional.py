@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from ground_truth import dense_jacobians, output_hessians, tiny_data, tiny_net
 from torch import nn
-from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import FullLaplace, FullLLLaplace, Laplace
@@ -25,43 +25,11 @@ from laplace.utils import functional_utils as fu
 RTOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: thread start-up dominates on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_net(n_out, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(likelihood, n_out, n=20, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    if likelihood == "classification":
-        y = torch.randint(n_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
-    return X, y
-
-
-def dense_jacobians(model, X, last_layer=False):
-    named = {k: v.detach() for k, v in model.named_parameters()}
-    if last_layer:
-        named = {k: v for k, v in named.items() if k.startswith("2.")}
-    jac = jacrev(lambda p: functional_call(model, p, (X,)))(named)
-    return torch.cat([j.reshape(len(X), j.shape[1], -1) for j in jac.values()], -1)
-
-
-def output_hessians(f, likelihood):
-    if likelihood == "classification":
-        p = torch.softmax(f, -1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return torch.eye(f.shape[-1]).expand(len(f), -1, -1)
+    return tiny_data(likelihood, n_out, n, seed)
 
 
 def dense_posterior(model, X, likelihood, c, delta, last_layer=False):

@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, jacrev
+from ground_truth import dense_ggn, dense_jacobians, tiny_loader, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace.lowrank as lowrank_module
@@ -20,43 +19,12 @@ RTOL = 1e-6
 N_PARAMS = {1: 17, 2: 22, 3: 27}  # 2 -> 4 -> n_out
 
 
-def tiny_net(n_out, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
-
-
-def loader(likelihood, n_out, n=24, seed=1, batch_size=10):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    if likelihood == "classification":
-        y = torch.randint(n_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
-    return DataLoader(TensorDataset(X, y), batch_size=batch_size), X
-
-
-def jacobians(model, X):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(lambda p: functional_call(model, p, (X,)))(params)
-    return torch.cat([j.reshape(len(X), j.shape[1], -1) for j in jac.values()], -1)
-
-
-def dense_ggn(model, X, likelihood):
-    J, f = jacobians(model, X), model(X).detach()
-    if likelihood == "classification":
-        p = torch.softmax(f, -1)
-        L = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    else:
-        L = torch.eye(f.shape[-1]).expand(len(X), -1, -1)
-    return torch.einsum("bop,boq,bqr->pr", J, L, J)
-
-
 CASES = [("classification", 3), ("regression", 2)]
 
 
 def fit_lowrank(likelihood, n_out, rank, prior=0.8, **kwargs):
     model = tiny_net(n_out)
-    dl, X = loader(likelihood, n_out)
+    dl, X = tiny_loader(likelihood, n_out)
     la = LowRankLaplace(
         model,
         likelihood,
@@ -107,7 +75,7 @@ def test_full_rank_equals_full_laplace(likelihood, n_out, prior_kind):
         for joint in (False, True):
             for a, b in zip(la(X_test, joint=joint), full(X_test, joint=joint)):
                 torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-10)
-        J = jacobians(model, X_test)
+        J = dense_jacobians(model, X_test)
         torch.testing.assert_close(
             la(X_test)[1], J @ torch.linalg.solve(dense_P, J.mT), rtol=RTOL, atol=1e-10
         )
@@ -157,7 +125,7 @@ def test_lanczos_top_k_matches_dense_eigh(likelihood, n_out, monkeypatch):
         la.log_det_posterior_precision, torch.linalg.slogdet(P_k)[1], rtol=RTOL, atol=0
     )
     X_test = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
-    J = jacobians(model, X_test)
+    J = dense_jacobians(model, X_test)
     f_var = J @ torch.linalg.solve(P_k, J.mT)
     torch.testing.assert_close(la.functional_variance(J), f_var, rtol=RTOL, atol=1e-10)
     torch.testing.assert_close(
@@ -181,7 +149,7 @@ def test_float32_model_converges():
     eigenvalues agree with the float64 ground truth to float32 accuracy."""
     la64, model, _, X = fit_lowrank("classification", 3, 4)
     model32 = tiny_net(3).float()
-    dl, _ = loader("classification", 3)
+    dl, _ = tiny_loader("classification", 3)
     la32 = LowRankLaplace(model32, "classification", backend_kwargs={"low_rank": 4})
     la32.fit(
         DataLoader(
@@ -244,7 +212,7 @@ def test_nn_predictive_and_state_dict_roundtrip():
 
 def test_factory_caps_rank_and_passes_backend_kwargs():
     model = tiny_net(1)
-    dl, X = loader("regression", 1)
+    dl, X = tiny_loader("regression", 1)
     la = Laplace(
         model,
         "regression",
@@ -262,7 +230,7 @@ def test_factory_caps_rank_and_passes_backend_kwargs():
     )
     la_ef.fit(dl)
     f = model(X).detach()
-    G = jacobians(model, X).mT @ (f - dl.dataset.tensors[1]).unsqueeze(-1)
+    G = dense_jacobians(model, X).mT @ (f - dl.dataset.tensors[1]).unsqueeze(-1)
     ef = (G @ G.mT).sum(0)
     U, lam = la_ef.H
     torch.testing.assert_close(U @ torch.diag(lam) @ U.T, ef, rtol=RTOL, atol=1e-10)
@@ -270,7 +238,7 @@ def test_factory_caps_rank_and_passes_backend_kwargs():
 
 def test_errors():
     model = tiny_net(1)
-    dl, _ = loader("regression", 1)
+    dl, _ = tiny_loader("regression", 1)
     for bad in (0, -2, 2.5, True, "10"):
         with pytest.raises(ValueError, match="low_rank"):
             LowRankLaplace(model, "regression", backend_kwargs={"low_rank": bad})

@@ -6,52 +6,14 @@ import math
 
 import pytest
 import torch
+from ground_truth import dense_ggn, dense_jacobians, tiny_data, tiny_net
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 
 RTOL = 1e-7
-
-
-def tiny_net(n_out, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
-
-
-def data(likelihood, n_out, n=24, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    if likelihood == "classification":
-        y = torch.randint(n_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
-    return X, y
-
-
-def dense_jacobians(model, X, last_layer=False):
-    """(batch, n_out, n_params) Jacobian w.r.t. all or last-layer parameters."""
-    named = dict(model.named_parameters())
-    if last_layer:
-        named = {k: v for k, v in named.items() if k.startswith("2.")}
-
-    def f(params):
-        return functional_call(model, params, (X,))
-
-    jac = jacrev(f)({k: v.detach() for k, v in named.items()})
-    return torch.cat([j.reshape(len(X), -1, j[0, 0].numel()) for j in jac.values()], -1)
-
-
-def dense_ggn(model, X, likelihood, last_layer=False):
-    J = dense_jacobians(model, X, last_layer)
-    f = model(X).detach()
-    if likelihood == "classification":
-        p = torch.softmax(f, -1)
-        L = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    else:
-        L = torch.eye(f.shape[-1]).expand(len(X), -1, -1)
-    return torch.einsum("bop,boq,bqr->pr", J, L, J), J
 
 
 CASES = [
@@ -66,7 +28,7 @@ CASES = [
 @pytest.mark.parametrize("structure", ["full", "diag"])
 def test_posterior_and_glm_against_dense(likelihood, n_out, subset, structure):
     model = tiny_net(n_out)
-    X, y = data(likelihood, n_out)
+    X, y = tiny_data(likelihood, n_out)
     sigma = 1.0 if likelihood == "classification" else 0.6
     prior = 0.8
     la = Laplace(
@@ -79,7 +41,7 @@ def test_posterior_and_glm_against_dense(likelihood, n_out, subset, structure):
         temperature=0.9,
     )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=10))
-    ggn, _ = dense_ggn(model, X, likelihood, last_layer=subset == "last_layer")
+    ggn = dense_ggn(model, X, likelihood, last_layer=subset == "last_layer")
     P = ggn / (sigma**2 * 0.9) + prior * torch.eye(len(ggn))
     if structure == "diag":
         P = torch.diag(P.diagonal())
@@ -138,7 +100,7 @@ def test_kron_posterior_matches_kfac_dense():
     """Kron LA precision equals the dense KFAC matrix built independently with
     torch.kron from per-layer input and output-gradient covariances."""
     model = tiny_net(1)
-    X, y = data("regression", 1)
+    X, y = tiny_data("regression", 1)
     la = Laplace(
         model,
         "regression",
@@ -166,7 +128,7 @@ def test_kron_posterior_matches_kfac_dense():
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_weight_samples_have_posterior_covariance(structure, subset):
     model = tiny_net(2)
-    X, y = data("classification", 2)
+    X, y = tiny_data("classification", 2)
     la = Laplace(
         model,
         "classification",
@@ -203,7 +165,7 @@ def test_weight_samples_have_posterior_covariance(structure, subset):
 @pytest.mark.parametrize("likelihood,n_out", CASES)
 def test_nn_predictive_uses_weight_samples(likelihood, n_out):
     model = tiny_net(n_out)
-    X, y = data(likelihood, n_out)
+    X, y = tiny_data(likelihood, n_out)
     la = Laplace(
         model,
         likelihood,
@@ -247,7 +209,7 @@ def test_nn_predictive_uses_weight_samples(likelihood, n_out):
 
 def test_glm_functional_samples_moments():
     model = tiny_net(2)
-    X, y = data("regression", 2)
+    X, y = tiny_data("regression", 2)
     la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron")
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8))
     X_test = torch.randn(3, 2, dtype=torch.float64)

@@ -7,9 +7,8 @@ from copy import deepcopy
 
 import pytest
 import torch
+from ground_truth import dense_ggn, dense_jacobians, tiny_loader, tiny_net
 from torch import nn
-from torch.func import functional_call, jacrev
-from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import (
     DiagLaplace,
@@ -35,33 +34,6 @@ RTOL = 1e-7
 P_ALL, P_LL = 27, 15  # 2 -> 4 -> 3: [8, 4, 12, 3]
 
 
-def tiny_net(n_out=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
-
-
-def loader(likelihood, n_out=3, n=24, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
-    if likelihood == "classification":
-        y = torch.randint(n_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
-    return DataLoader(TensorDataset(X, y), batch_size=10), X
-
-
-def jacobians(model, X):
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    jac = jacrev(lambda p: functional_call(model, p, (X,)))(params)
-    return torch.cat([j.reshape(len(X), j.shape[1], -1) for j in jac.values()], -1)
-
-
-def dense_ggn(model, X):
-    J, p = jacobians(model, X), torch.softmax(model(X).detach(), -1)
-    L = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return torch.einsum("bop,boq,bqr->pr", J, L, J)
-
-
 SUBNET = {"full": FullSubnetLaplace, "diag": DiagSubnetLaplace}
 X_TEST = torch.randn(
     5, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64
@@ -85,8 +57,8 @@ def assert_same_posterior(sub, ref, likelihood, rtol=RTOL):
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_all_indices_equal_full_and_diag_laplace(structure, likelihood):
-    model = tiny_net()
-    dl, _ = loader(likelihood)
+    model = tiny_net(3)
+    dl, _ = tiny_loader(likelihood, 3)
     kwargs = {"prior_precision": 0.6, "temperature": 0.8}
     if likelihood == "regression":
         kwargs["sigma_noise"] = 0.7
@@ -129,8 +101,8 @@ def test_all_indices_equal_full_and_diag_laplace(structure, likelihood):
 @pytest.mark.parametrize("structure", ["full", "diag"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_last_layer_indices_equal_last_layer_laplace(structure, likelihood):
-    model = tiny_net()
-    dl, _ = loader(likelihood)
+    model = tiny_net(3)
+    dl, _ = tiny_loader(likelihood, 3)
     indices = torch.arange(P_ALL - P_LL, P_ALL)
     sub = SUBNET[structure](model, likelihood, indices, prior_precision=1.3)
     ref = (FullLLLaplace if structure == "full" else DiagLLLaplace)(
@@ -142,20 +114,20 @@ def test_last_layer_indices_equal_last_layer_laplace(structure, likelihood):
 
 
 def test_random_subset_against_dense_ground_truth():
-    model = tiny_net()
-    dl, X = loader("classification")
+    model = tiny_net(3)
+    dl, X = tiny_loader("classification", 3)
     idx = torch.tensor([20, 3, 11, 0, 26, 7, 15])  # unsorted on purpose
     prior = torch.linspace(0.5, 2.0, len(idx))
     la = FullSubnetLaplace(model, "classification", idx, prior_precision=prior)
     la.fit(dl)
-    P = dense_ggn(model, X)[idx][:, idx] + torch.diag(prior)
+    P = dense_ggn(model, X, "classification")[idx][:, idx] + torch.diag(prior)
     torch.testing.assert_close(la.posterior_precision, P, rtol=RTOL, atol=1e-12)
     map_full = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(la.mean, map_full, rtol=0, atol=0)
     torch.testing.assert_close(la.mean_subnet, map_full[idx], rtol=0, atol=0)
     scatter = map_full[idx] @ (prior * map_full[idx])
     torch.testing.assert_close(la.scatter, scatter, rtol=RTOL, atol=0)
-    J = jacobians(model, X_TEST)[..., idx]
+    J = dense_jacobians(model, X_TEST)[..., idx]
     f_var = J @ torch.linalg.solve(P, J.mT)
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * f_var.diagonal(dim1=1, dim2=2))
     torch.testing.assert_close(
@@ -187,9 +159,9 @@ def test_random_subset_against_dense_ground_truth():
 
 
 def test_ef_backend_and_frozen_parameters():
-    model = tiny_net()
+    model = tiny_net(3)
     model[0].weight.requires_grad_(False)  # treated vector: [4, 12, 3]
-    dl, _ = loader("classification")
+    dl, _ = tiny_loader("classification", 3)
     idx = torch.tensor([1, 5, 18, 2])
     la = FullSubnetLaplace(model, "classification", idx, backend=CurvlinopsEF)
     ref = FullLaplace(model, "classification", backend=CurvlinopsEF)
@@ -220,11 +192,11 @@ def test_ef_backend_and_frozen_parameters():
 )
 def test_invalid_indices(bad, match):
     with pytest.raises(ValueError, match=match):
-        FullSubnetLaplace(tiny_net(), "classification", bad)
+        FullSubnetLaplace(tiny_net(3), "classification", bad)
 
 
 def test_invalid_arguments_and_state_dict():
-    model = tiny_net()
+    model = tiny_net(3)
     idx = torch.tensor([0, 5, 9])
     with pytest.raises(ValueError, match="GGN and empirical Fisher"):
         FullSubnetLaplace(model, "classification", idx, backend=CurvlinopsHessian)
@@ -242,7 +214,7 @@ def test_invalid_arguments_and_state_dict():
             hessian_structure="kron",
             subnetwork_indices=idx,
         )
-    dl, _ = loader("classification")
+    dl, _ = tiny_loader("classification", 3)
     la = FullSubnetLaplace(model, "classification", idx, backend=CurvlinopsGGN)
     la.fit(dl)
     buffer = io.BytesIO()
@@ -262,7 +234,7 @@ def flat(model):
 
 
 def test_largest_magnitude_and_random_masks():
-    model = tiny_net()
+    model = tiny_net(3)
     k = 6
     idx = LargestMagnitudeSubnetMask(model, k).select()
     assert idx.dtype == torch.long
@@ -290,7 +262,7 @@ def test_largest_magnitude_and_random_masks():
 
 
 def test_name_masks_select_exactly_those_parameters():
-    model = tiny_net()
+    model = tiny_net(3)
     # layout: 0.weight [0, 8), 0.bias [8, 12), 2.weight [12, 24), 2.bias [24, 27)
     idx = ParamNameSubnetMask(model, ["2.bias", "0.weight"]).select()
     assert idx.tolist() == list(range(8)) + [24, 25, 26]
@@ -298,7 +270,7 @@ def test_name_masks_select_exactly_those_parameters():
     assert ModuleNameSubnetMask(model, ["", "2"]).select().tolist() == list(range(27))
     last = list(range(P_ALL - P_LL, P_ALL))
     assert LastLayerSubnetMask(model, "2").select().tolist() == last
-    dl, _ = loader("classification")
+    dl, _ = tiny_loader("classification", 3)
     before = deepcopy(model.state_dict())
     model.train()
     assert LastLayerSubnetMask(model).select(dl).tolist() == last
@@ -322,8 +294,8 @@ def test_name_masks_select_exactly_those_parameters():
 
 
 def test_largest_variance_diag_laplace_mask():
-    model = tiny_net()
-    dl, _ = loader("classification")
+    model = tiny_net(3)
+    dl, _ = tiny_loader("classification", 3)
     diag = DiagLaplace(model, "classification", prior_precision=0.5)
     idx = LargestVarianceDiagLaplaceSubnetMask(model, 5, diag).select(dl)
     assert diag.is_fitted
@@ -354,9 +326,9 @@ def reference_swag(model, dl, n_snapshots, freq, lr, momentum, wd):
 
 
 def test_fit_diagonal_swag_var():
-    model = tiny_net()
+    model = tiny_net(3)
     model.eval()
-    dl, _ = loader("classification")
+    dl, _ = tiny_loader("classification", 3)
     before = deepcopy(model.state_dict())
     var = fit_diagonal_swag_var(
         model, dl, nn.CrossEntropyLoss(), n_snapshots_total=4, snapshot_freq=2, lr=0.1

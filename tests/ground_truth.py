@@ -1,0 +1,67 @@
+"""Dense float64 ground truth shared by the tests: a tiny MLP, data for it, and
+Jacobians, output Hessians and GGNs from ``torch.func`` (independent of the
+library's curvature code)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def tiny_net(n_out: int, seed: int = 0) -> nn.Sequential:
+    """MLP 2 -> 4 (tanh) -> ``n_out`` in float64; the last layer is module ``2``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, n_out)).double()
+
+
+def tiny_data(
+    likelihood: str, n_out: int, n: int = 24, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(n, 2)`` and targets: class indices ``(n,)`` or ``(n, n_out)``."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    if likelihood == "classification":
+        y = torch.randint(n_out, (n,), generator=gen)
+    else:
+        y = torch.randn(n, n_out, generator=gen, dtype=torch.float64)
+    return X, y
+
+
+def tiny_loader(
+    likelihood: str, n_out: int, n: int = 24, seed: int = 1, batch_size: int = 10
+) -> tuple[DataLoader, torch.Tensor]:
+    """A loader over ``tiny_data`` and its inputs."""
+    X, y = tiny_data(likelihood, n_out, n, seed)
+    return DataLoader(TensorDataset(X, y), batch_size=batch_size), X
+
+
+def dense_jacobians(
+    model: nn.Module, X: torch.Tensor, last_layer: bool = False
+) -> torch.Tensor:
+    """``(batch, n_out, n_params)`` Jacobian w.r.t. all parameters or, with
+    ``last_layer``, those of module ``2`` (``tiny_net``'s last layer)."""
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    if last_layer:
+        named = {k: v for k, v in named.items() if k.startswith("2.")}
+    jac = jacrev(lambda p: functional_call(model, p, (X,)))(named)
+    return torch.cat([j.reshape(len(X), j.shape[1], -1) for j in jac.values()], -1)
+
+
+def output_hessians(f: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Hessians of the loss w.r.t. the outputs ``f`` ``(batch, n_out)``:
+    ``diag(p) - p p^T`` (cross-entropy) or the identity (0.5 * squared error)."""
+    if likelihood == "classification":
+        p = torch.softmax(f, -1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    return torch.eye(f.shape[-1], dtype=f.dtype).expand(len(f), -1, -1)
+
+
+def dense_ggn(
+    model: nn.Module, X: torch.Tensor, likelihood: str, last_layer: bool = False
+) -> torch.Tensor:
+    """GGN ``sum_n J_n^T Lambda_n J_n``, ``(n_params, n_params)``."""
+    J = dense_jacobians(model, X, last_layer)
+    lam = output_hessians(model(X).detach(), likelihood)
+    return torch.einsum("nop,noq,nqr->pr", J, lam, J)
