@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 from collections import UserDict
-from functools import cached_property
 
 import pytest
 import torch
+from ground_truth import DenseCurvature, make_data, make_model
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import jacrev
 
 from laplace.curvature import (
     AsdlEF,
@@ -47,85 +47,13 @@ EXACT = [
 ]
 
 
-def make_model(name: str, n_out: int) -> nn.Module:
-    torch.manual_seed(0)
-    if name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, n_out)
-        )
-    else:
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, n_out))
-        if name == "frozen":
-            model[0].requires_grad_(False)
-    return model.to(DT)
+class Reference(DenseCurvature):
+    """Jacobians row by row with ``torch.autograd.grad``: independent of the
+    per-sample ``vmap`` of the torch.func backends."""
 
-
-def make_data(name: str, likelihood: str, n_out: int, n: int = 5, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (n, 1, 4, 4) if name == "cnn" else (n, 3)
-    x = torch.randn(shape, generator=gen, dtype=DT)
-    if likelihood == "regression":
-        y = torch.randn(n, n_out, generator=gen, dtype=DT)
-    else:
-        y = torch.randint(n_out, (n,), generator=gen)
-    return x, y
-
-
-class Reference:
-    """Dense curvature of ``factor * loss`` (0.5 * SSE or summed CE), lazily."""
-
-    def __init__(self, model: nn.Module, x, y, likelihood: str) -> None:
-        named = [
-            (n, p.detach()) for n, p in model.named_parameters() if p.requires_grad
-        ]
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.theta = torch.cat([p.flatten() for _, p in named])
-        self.model, self.x, self.y, self.likelihood = model, x, y, likelihood
-
-    def f_of(self, t):
-        chunks = t.split([s.numel() for s in self.shapes])
-        params = {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
-        return functional_call(self.model, params, (self.x,))
-
-    def losses_of(self, t):
-        out = self.f_of(t)
-        if self.likelihood == "regression":
-            return 0.5 * (out - self.y).square().sum(-1)
-        return nn.functional.cross_entropy(out, self.y, reduction="none")
-
-    @cached_property
-    def f(self):
-        return self.f_of(self.theta)
-
-    @cached_property
-    def J(self):
-        return _rows_jacobian(self.f_of, self.theta)
-
-    @cached_property
-    def ggn(self):
-        if self.likelihood == "regression":
-            lam = torch.eye(self.f.shape[1], dtype=DT).expand(len(self.f), -1, -1)
-        else:
-            p = self.f.softmax(-1)
-            lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        return torch.einsum("bop,boq,bqr->pr", self.J, lam, self.J)
-
-    @cached_property
-    def grads(self):
-        return _rows_jacobian(self.losses_of, self.theta)
-
-    @cached_property
-    def ef(self):
-        return self.grads.T @ self.grads
-
-    @cached_property
-    def hess(self):
-        return hessian(lambda t: self.losses_of(t).sum())(self.theta)
-
-    @cached_property
-    def loss(self):
-        return self.losses_of(self.theta).sum()
+    @staticmethod
+    def jacobian(fn, theta: torch.Tensor) -> torch.Tensor:
+        return _rows_jacobian(fn, theta)
 
     def matrix(self, backend: type) -> torch.Tensor:
         if backend is AsdlHessian:
