@@ -3,13 +3,12 @@ the rest of the network a fixed feature map."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from laplace.base import eval_mode
 from laplace.parametric.base import ParametricLaplace
@@ -24,6 +23,7 @@ from laplace.parametric.fast_glm import (
 )
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
+from laplace.parametric.sampling import affine_samples, outputs_under_weights
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
 
@@ -104,17 +104,54 @@ class LLLaplace(ParametricLaplace):
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
-        if self.model.last_layer is None:
-            X, _ = next(self._batches(train_loader), (None, None))
-            if X is None:
-                raise ValueError("train_loader yielded no batches.")
-            with torch.no_grad():
-                self.model.find_last_layer(X)
-            self._backend = None
-            self._init_params()
-        super().fit(train_loader, override=override, progress_bar=progress_bar)
+        try:
+            if self.model.last_layer is None:
+                X, _ = next(self._batches(train_loader), (None, None))
+                if X is None:
+                    raise ValueError("train_loader yielded no batches.")
+                with torch.no_grad(), eval_mode(self.model):
+                    out, phi = self.model.find_last_layer_with_features(X)
+                self._remember_pass(X, out, phi)
+                self._backend = None
+                self._init_params()
+            super().fit(train_loader, override=override, progress_bar=progress_bar)
+        finally:
+            self._last_pass = None
+
+    # A forward pass gives outputs and features at once: fit needs the outputs
+    # of the first batch (to find the last layer and the number of outputs) and
+    # the features of every batch, so the first pass is kept for the next use.
+    def _remember_pass(self, X: Any, out: torch.Tensor, phi: torch.Tensor) -> None:
+        if isinstance(X, torch.Tensor) and not self.enable_backprop:
+            self._last_pass = (X, out, phi)
+
+    def _recalled_pass(self, X: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kept = getattr(self, "_last_pass", None)
+        if kept is None or not isinstance(X, torch.Tensor):
+            return None
+        Y = kept[0]
+        same = Y is X or (
+            Y.shape == X.shape
+            and Y.dtype == X.dtype
+            and Y.device == X.device
+            and torch.equal(Y, X)
+        )
+        return kept[1:] if same else None
+
+    def _model_outputs(self, X: Any) -> torch.Tensor:
+        recalled = self._recalled_pass(X)
+        if recalled is not None:
+            return recalled[0]
+        with torch.no_grad():
+            out, phi = self.model.forward_with_features(X)
+        self._remember_pass(X, out, phi)
+        return out
 
     def _features(self, X: Any) -> torch.Tensor:
+        recalled = self._recalled_pass(X)
+        if recalled is not None:
+            self._last_pass = None  # each batch's features are used once
+            return recalled[1]
         # kept in the model's dtype: the last layer (and the backend) consume them
         with torch.set_grad_enabled(self.enable_backprop):
             return self.model.forward_with_features(X)[1]
@@ -157,22 +194,35 @@ class LLLaplace(ParametricLaplace):
         )
         return Js.to(self._dtype), f
 
-    def _nn_function_samples(
+    def _nn_output_chunks(
         self, x: Any, n_samples: int, generator: Any, model_kwargs: dict[str, Any]
-    ) -> torch.Tensor:
-        return super()._nn_function_samples(
-            self._features(x), n_samples, generator, model_kwargs
-        )
+    ) -> Iterator[torch.Tensor]:
+        """Last-layer outputs ``(rows, batch, n_outputs)`` per chunk of weight
+        samples; the body runs once, a linear last layer takes all samples of a
+        chunk in one product."""
+        phi = self._features(x)
+        layer = self.model.last_layer
+        linear = type(layer) is nn.Linear
+        rows = None
+        if linear:
+            # also bound the chunk's outputs (rows, batch, n_outputs), of which a
+            # few copies (product, softmax) live at once
+            n_rows = phi.numel() // phi.shape[-1]
+            per_row = 4 * n_rows * layer.out_features
+            rows = max(1, self.sample_chunk_elements // per_row)
 
-    def _treated_parameter_names(self) -> list[str]:
-        return [
-            n for n, p in self.model.last_layer.named_parameters() if p.requires_grad
-        ]
+        def forward() -> torch.Tensor:
+            return layer(phi)
 
-    def _forward_with(
-        self, params: dict[str, torch.Tensor], features: Any, model_kwargs: dict
-    ) -> torch.Tensor:
-        return functional_call(self.model.last_layer, params, (features,))
+        for thetas in self._weight_sample_chunks(n_samples, generator, rows):
+            values = self._unflatten_rows(thetas)
+            if not linear:
+                yield outputs_under_weights(layer, self.params, values, forward)
+                continue
+            sampled = {id(p): v for p, v in zip(self.params, values)}
+            weight = sampled.get(id(layer.weight), layer.weight)
+            bias = layer.bias
+            yield affine_samples(phi, weight, sampled.get(id(bias), bias))
 
     def functional_variance_fast(self, X: Any) -> torch.Tensor:
         """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``, in closed

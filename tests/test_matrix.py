@@ -259,6 +259,10 @@ def test_decomposed_against_dense(layout, deltas, scale, damping):
         torch.testing.assert_close(kd.to_matrix(exponent), Me, **TOL)
         torch.testing.assert_close(kd.diag(exponent), Me.diagonal(), **TOL)
         torch.testing.assert_close(kd.bmm(W, exponent), W @ Me, **TOL)
+    # R^T from the rows of I: R R^T is the covariance M^{-1}
+    root_T = kd.covariance_root_bmm(torch.eye(M.shape[0], dtype=DT))
+    torch.testing.assert_close(root_T.mT @ root_T, torch.linalg.inv(M), **TOL)
+    torch.testing.assert_close(kd.covariance_root_bmm(W), W @ root_T, **TOL)
 
 
 @pytest.mark.parametrize("damping", [False, True])

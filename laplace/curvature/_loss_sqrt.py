@@ -21,7 +21,7 @@ from torch import Tensor
 
 from laplace.utils.enums import Likelihood
 
-__all__ = ["exact_sqrt_fn", "sampled_sqrt"]
+__all__ = ["exact_sqrt", "exact_sqrt_fn", "sampled_sqrt"]
 
 
 def _regression_sqrt(f_n: Tensor) -> Tensor:
@@ -42,6 +42,18 @@ def exact_sqrt_fn(likelihood: Likelihood) -> Callable[[Tensor], Tensor]:
     if likelihood is Likelihood.REGRESSION:
         return _regression_sqrt
     return _classification_sqrt
+
+
+def exact_sqrt(f: Tensor, likelihood: Likelihood) -> Tensor:
+    """Roots of a batch, ``f (batch, n_outputs) -> L (batch, n_outputs,
+    n_outputs)``: the batched :func:`exact_sqrt_fn` in closed form (no ``vmap``)."""
+    n, C = f.shape
+    if likelihood is Likelihood.REGRESSION:
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        return eye.expand(n, C, C)
+    p = torch.softmax(f, dim=-1)
+    sqrt_p = p.sqrt()
+    return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
 
 
 def sampled_sqrt(

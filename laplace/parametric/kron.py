@@ -146,7 +146,7 @@ class KronLaplace(ParametricLaplace):
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        return self.posterior_precision.bmm(eps, exponent=-0.5)
+        return self.posterior_precision.covariance_root_bmm(eps)
 
     def _H_state(self) -> Any:
         return [list(block) for block in self.H_facs.kfacs]

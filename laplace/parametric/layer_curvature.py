@@ -11,24 +11,33 @@ GGN diagonal is ``sum_{n, c} (J_n^T L_n[:, c])^2``. Backpropagating the seeds
   a[n, t])`` squared and summed, a chunk of rows at a time,
 - bias: ``sum_{n, c} (sum_t G[n, c, t])^2``,
 
-so no per-sample gradient of the whole network is ever formed.
+so no per-sample gradient of the whole network is ever formed. The dense GGN of
+single-position layers sums Kronecker products per sample
+(:mod:`laplace.parametric.dense_ggn_factors`); KFAC sums ``G`` over one chunk of
+seeds at a time. A bare ``nn.Linear`` (the last layer of last-layer Laplace, on
+its features) needs no autograd at all: its output gradients are the roots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from laplace.curvature._loss_sqrt import exact_sqrt_fn
+from laplace.curvature._loss_sqrt import exact_sqrt
 from laplace.curvature.curvature import GGNInterface
 from laplace.curvature.curvlinops import CurvlinopsInterface
+from laplace.parametric.dense_ggn_factors import (
+    full_ggn_from_products,
+    single_position,
+)
 from laplace.parametric.layer_factors import (
     LayerFactors,
     forward_with_factors,
+    iter_gradients,
     layer_jacobian,
     layer_plan,
     set_gradients,
@@ -56,32 +65,90 @@ def _weight_diag(a: Tensor, g: Tensor, budget: int) -> Tensor:
     return total
 
 
-def _seeded_factors(
+_GRAM_ELEMENTS = 2**22  # bound on the per-sample products summed by _gram
+
+
+def _gram(x: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``scale * sum x_r x_r^T`` over all rows ``x_r`` of ``x (..., T, d)``,
+    ``(d, d)``."""
+    d = x.shape[-1]
+    if x.stride(-1) == 1 or x.shape[-2] == 1:
+        rows = x.reshape(-1, d).to(dtype)
+        # the scale rides along in the product (beta=0 ignores the empty input)
+        return torch.addmm(rows.new_empty(d, d), rows.mT, rows, beta=0, alpha=scale)
+    # Convolution gradients and patches keep the positions innermost, (..., d, T):
+    # per-sample products read them in place, gathering rows of d would not.
+    cols = x.transpose(-1, -2).reshape(-1, d, x.shape[-2]).to(dtype)
+    step = max(1, _GRAM_ELEMENTS // (d * d))
+    return sum(torch.bmm(c, c.mT).sum(0) for c in cols.split(step)) * scale
+
+
+def _linear_factors(
+    model: nn.Module,
+    plan: list[LayerFactors],
+    x: Tensor | MutableMapping,
+    roots_fn: Callable[[Tensor], Tensor],
+) -> Tensor | None:
+    """Outputs of a bare ``nn.Linear`` on ``(batch, in)`` inputs (a last layer on
+    its features), with its factors in closed form: ``a = x`` and, since the
+    layer output is the network output, ``g`` the roots themselves; ``None``
+    for any other network."""
+    if type(model) is not nn.Linear or not isinstance(x, Tensor) or x.ndim != 2:
+        return None
+    with torch.no_grad():
+        f = model(x)
+    (layer,) = plan
+    layer.a = x.detach().unsqueeze(1)
+    layer.g = roots_fn(f).mT.unsqueeze(2)  # (batch, C, 1, out)
+    return f
+
+
+def _seeded_forward(
     model: nn.Module,
     params: list[Tensor],
     x: Tensor | MutableMapping,
-    sqrt_fn: Callable[[Tensor], Tensor],
+    roots_fn: Callable[[Tensor], Tensor],
     dict_key_x: str,
-) -> tuple[Tensor, list[LayerFactors]] | None:
-    """Outputs and layer factors with ``g`` the gradients of the loss-root seeds
-    ``(batch, C, T, out)``; ``None`` for unsupported networks."""
+    chunked: bool = False,
+) -> tuple[Tensor, list[LayerFactors], Iterator[None]] | None:
+    """Outputs, layer factors and an iterator that sets ``g`` to the gradients
+    of the loss-root seeds ``(batch, C, T, out)`` (with ``chunked``, of one chunk
+    of seeds per step); ``None`` for unsupported networks."""
     plan = layer_plan(model, params)
     if plan is None:
         return None
+    f = _linear_factors(model, plan, x, roots_fn)
+    if f is not None:
+        return f, plan, iter([None])
     n = batch_size(x, dict_key_x)
     f = forward_with_factors(model, plan, x, n, keep_graph=False)
     if f is None:
         return None
-    roots = vmap(sqrt_fn)(f.detach())  # (batch, n_outputs, C)
-    set_gradients(f, plan, roots.permute(2, 0, 1), keep_graph=False)
-    return f.detach(), plan
+    seeds = roots_fn(f.detach()).permute(2, 0, 1)  # (C, batch, n_outputs)
+    if chunked:
+        return f.detach(), plan, iter_gradients(f, plan, seeds, keep_graph=False)
+    set_gradients(f, plan, seeds, keep_graph=False)
+    return f.detach(), plan, iter([None])
+
+
+def _seeded_factors(
+    model: nn.Module,
+    params: list[Tensor],
+    x: Tensor | MutableMapping,
+    roots_fn: Callable[[Tensor], Tensor],
+    dict_key_x: str,
+) -> tuple[Tensor, list[LayerFactors]] | None:
+    """Outputs and layer factors with ``g`` the gradients of all loss-root seeds
+    ``(batch, C, T, out)``; ``None`` for unsupported networks."""
+    found = _seeded_forward(model, params, x, roots_fn, dict_key_x)
+    return None if found is None else found[:2]
 
 
 def diag_ggn_by_layers(
     model: nn.Module,
     params: list[Tensor],
     x: Tensor | MutableMapping,
-    sqrt_fn: Callable[[Tensor], Tensor],
+    roots_fn: Callable[[Tensor], Tensor],
     budget: int,
     dtype: torch.dtype,
     dict_key_x: str = "input_ids",
@@ -89,10 +156,10 @@ def diag_ggn_by_layers(
     """Outputs ``(batch, n_outputs)`` and the GGN diagonal ``(n_params,)`` of the
     batch ``x``, or ``None`` when a treated parameter is outside a supported layer.
 
-    ``sqrt_fn`` maps one output ``(n_outputs,)`` to the loss-Hessian root
-    ``(n_outputs, n_columns)``.
+    ``roots_fn`` maps outputs ``(batch, n_outputs)`` to the loss-Hessian roots
+    ``(batch, n_outputs, n_columns)``.
     """
-    found = _seeded_factors(model, params, x, sqrt_fn, dict_key_x)
+    found = _seeded_factors(model, params, x, roots_fn, dict_key_x)
     if found is None:
         return None
     f, plan = found
@@ -112,7 +179,7 @@ def full_ggn_by_layers(
     model: nn.Module,
     params: list[Tensor],
     x: Tensor | MutableMapping,
-    sqrt_fn: Callable[[Tensor], Tensor],
+    roots_fn: Callable[[Tensor], Tensor],
     budget: int,
     dtype: torch.dtype,
     dict_key_x: str = "input_ids",
@@ -120,12 +187,18 @@ def full_ggn_by_layers(
     """Outputs ``(batch, n_outputs)`` and the dense GGN ``(n_params, n_params)``
     ``M^T M`` with rows ``M[(n, c)] = J_n^T L_n[:, c]`` assembled from the layer
     factors, a chunk of rows at a time; ``None`` for unsupported networks."""
-    found = _seeded_factors(model, params, x, sqrt_fn, dict_key_x)
+    found = _seeded_factors(model, params, x, roots_fn, dict_key_x)
     if found is None:
         return None
     f, plan = found
     n, C = f.shape[0], plan[0].g.shape[1]
-    P = sum(p.numel() for p in params)
+    sizes = [p.numel() for p in params]
+    if C > 1 and single_position(plan):
+        H = full_ggn_from_products(plan, sizes, dtype, budget)
+        for layer in plan:
+            layer.a = layer.s = layer.g = None
+        return f, H
+    P = sum(sizes)
     rows = max(1, budget // (C * P))
     H = f.new_zeros(P, P, dtype=dtype)
     for start in range(0, n, rows):
@@ -147,7 +220,7 @@ def kron_ggn_by_layers(
     model: nn.Module,
     params: list[Tensor],
     x: Tensor | MutableMapping,
-    sqrt_fn: Callable[[Tensor], Tensor],
+    roots_fn: Callable[[Tensor], Tensor],
     N: int,
     dtype: torch.dtype,
     dict_key_x: str = "input_ids",
@@ -155,19 +228,20 @@ def kron_ggn_by_layers(
     """Outputs and the type-2 KFAC of the batch in the convention of the default
     backend ('expand'): per weight ``G = sum_{n, c, t} g g^T`` and ``A = sum_{n,
     t} a a^T / (N T)``, per bias ``G``; ``None`` for unsupported networks."""
-    found = _seeded_factors(model, params, x, sqrt_fn, dict_key_x)
+    found = _seeded_forward(model, params, x, roots_fn, dict_key_x, chunked=True)
     if found is None:
         return None
-    f, plan = found
+    f, plan, chunks = found
+    # G summed over chunks of seeds: the seed gradients are never held at once
+    Gs: list[Tensor | int] = [0] * len(plan)
+    for _ in chunks:
+        for i, layer in enumerate(plan):
+            Gs[i] = Gs[i] + _gram(layer.g.detach(), dtype)
     blocks: list[list[Tensor] | None] = [None] * len(params)
-    for layer in plan:
-        g = layer.g.detach().to(dtype)
-        T = g.shape[2]
-        g = g.reshape(-1, g.shape[-1])
-        G = g.mT @ g
+    for layer, G in zip(plan, Gs):
         if layer.weight is not None:
-            a = layer.a.detach().to(dtype).reshape(-1, layer.a.shape[-1])
-            blocks[layer.weight] = [G, a.mT @ a / (N * T)]
+            T = layer.a.shape[1]
+            blocks[layer.weight] = [G, _gram(layer.a.detach(), dtype, 1 / (N * T))]
         if layer.bias is not None:
             blocks[layer.bias] = [G]
         layer.a = layer.s = layer.g = None
@@ -209,8 +283,8 @@ def exact_ggn_closure(
         "kron": kron_ggn_by_layers,
     }[method]
     size = N if method == "kron" else la.glm_chunk_elements
-    sqrt_fn = exact_sqrt_fn(la.likelihood)
-    found = route(module, la.params, X, sqrt_fn, size, la._dtype, la.dict_key_x)
+    roots_fn = partial(exact_sqrt, likelihood=la.likelihood)
+    found = route(module, la.params, X, roots_fn, size, la._dtype, la.dict_key_x)
     if found is None:
         return None
     f, H = found

@@ -4,11 +4,10 @@ which propagates the Gaussian through the network's Jacobian, and the sampling
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
-from torch.func import functional_call, vmap
 
 from laplace.base import eval_mode
 from laplace.parametric.fast_glm import (
@@ -18,13 +17,17 @@ from laplace.parametric.fast_glm import (
     per_layer_glm,
     row_chunks,
 )
+from laplace.parametric.sampling import (
+    mean_and_variance,
+    outputs_under_weights,
+    sample_chunk_rows,
+    softmax_mean,
+)
 from laplace.predictive import glm_link
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.utils import normal_samples
 
 Inputs = torch.Tensor | MutableMapping
-# weight samples per vectorised forward pass of the nn predictive
-_MAX_SAMPLE_CHUNK = 32
 
 
 class ParametricPredictionMixin:
@@ -105,12 +108,11 @@ class ParametricPredictionMixin:
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             if pred_type is PredType.NN:
-                samples = self._nn_function_samples(
-                    x, n_samples, generator, model_kwargs
-                )
+                # Monte Carlo averages over chunks: all outputs are never held
+                chunks = self._nn_output_chunks(x, n_samples, generator, model_kwargs)
                 if self._predicts_classes(fitting):
-                    return torch.softmax(samples, dim=-1).mean(0)
-                return samples.mean(0), samples.var(0)
+                    return softmax_mean(chunks)
+                return mean_and_variance(chunks)
             classification = self._predicts_classes(fitting)
             probit_only = classification and link_approx is LinkApprox.PROBIT
             f_mu, f_var = self._glm_predictive_distribution(
@@ -267,22 +269,58 @@ class ParametricPredictionMixin:
         return samples
 
     # ---- weight samples --------------------------------------------------------------
+    #: Entries of weight samples (and, last-layer, of their outputs) that the ``nn``
+    #: predictive holds at once; more samples are drawn and run in chunks.
+    sample_chunk_elements: int = 2**20
+
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Weight samples from the posterior, ``(n_samples, n_params)``."""
         self._check_fitted()
-        eps = torch.randn(
-            n_samples,
+        return torch.cat(list(self._weight_sample_chunks(n_samples, generator)))
+
+    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _weight_sample_chunks(
+        self,
+        n_samples: int,
+        generator: torch.Generator | None,
+        max_rows: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """The rows of :meth:`sample` in chunks ``(rows, n_params)`` of at most
+        ``sample_chunk_elements`` entries (and ``max_rows`` rows) where the random
+        stream allows it; the numbers do not depend on the chunking."""
+        if type(self).sample is not ParametricPredictionMixin.sample:
+            # a subclass draws its own way (e.g. a subnetwork): keep its numbers
+            yield from self.sample(n_samples, generator).split(max_rows or n_samples)
+            return
+        self._check_fitted()
+        rows = max(1, self.sample_chunk_elements // self.n_params)
+        sizes = sample_chunk_rows(n_samples, self.n_params, min(rows, max_rows or rows))
+        if self._draws_noise_in_chunks():
+            noise = (self._noise(size, generator) for size in sizes)
+        else:
+            noise = iter(self._noise(n_samples, generator).split(sizes))
+        for eps in noise:
+            # deviations are a fresh tensor: add the mean in place
+            yield self._sample_deviations(eps).add_(self.mean)
+
+    def _draws_noise_in_chunks(self) -> bool:
+        # CPU noise drawn chunk by chunk equals one draw (see sample_chunk_rows);
+        # other devices' generators do not promise that: draw once, map in chunks
+        return self._device.type == "cpu"
+
+    def _noise(self, rows: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard-normal noise ``(rows, n_params)``."""
+        return torch.randn(
+            rows,
             self.n_params,
             device=self._device,
             dtype=self._dtype,
             generator=generator,
         )
-        return self.mean + self._sample_deviations(eps)
-
-    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def _nn_function_samples(
         self,
@@ -291,36 +329,38 @@ class ParametricPredictionMixin:
         generator: torch.Generator | None,
         model_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``.
+        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``."""
+        return torch.cat(
+            list(self._nn_output_chunks(x, n_samples, generator, model_kwargs))
+        )
 
-        Several samples share one vectorised forward pass (``torch.func.vmap``);
-        a model that cannot be vectorised runs one sample at a time.
-        """
-        samples = self.sample(n_samples, generator)
-        names = self._treated_parameter_names()
+    def _nn_output_chunks(
+        self,
+        x: Inputs,
+        n_samples: int,
+        generator: torch.Generator | None,
+        model_kwargs: dict[str, Any],
+    ) -> Iterator[torch.Tensor]:
+        """Outputs ``(rows, batch, n_outputs)`` for consecutive chunks of weight
+        samples: one forward pass per sample, the samples swapped in for the
+        treated parameters (restored afterwards, also on errors)."""
 
-        def forward(theta: torch.Tensor) -> torch.Tensor:
-            params = dict(zip(names, self._unflatten(theta)))
-            return self._forward_with(params, x, model_kwargs)
+        def forward() -> torch.Tensor:
+            return self.model(x, **model_kwargs)
 
-        # the activations of a chunk grow with the input: bound chunk * input
-        size = x.numel() if isinstance(x, torch.Tensor) else self.glm_chunk_elements
-        chunk = max(1, min(_MAX_SAMPLE_CHUNK, self.glm_chunk_elements // (8 * size)))
-        try:
-            return torch.cat([vmap(forward)(c) for c in samples.split(chunk)])
-        except RuntimeError:
-            return torch.stack([forward(theta) for theta in samples])
-
-    def _treated_parameter_names(self) -> list[str]:
-        ids = {id(p) for p in self.params}
-        return [n for n, p in self.model.named_parameters() if id(p) in ids]
+        for thetas in self._weight_sample_chunks(n_samples, generator):
+            values = self._unflatten_rows(thetas)
+            yield outputs_under_weights(self.model, self.params, values, forward)
 
     def _unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        chunks = torch.split(theta, self._layer_sizes)
-        return [c.view_as(p).to(p.dtype) for c, p in zip(chunks, self.params)]
+        """One flat sample ``(n_params,)`` as tensors shaped like the parameters."""
+        return [t[0] for t in self._unflatten_rows(theta.unsqueeze(0))]
 
-    def _forward_with(
-        self, params: dict[str, torch.Tensor], x: Inputs, model_kwargs: dict[str, Any]
-    ) -> torch.Tensor:
-        # functional_call leaves the user's parameters untouched
-        return functional_call(self.model, params, (x,), model_kwargs)
+    def _unflatten_rows(self, thetas: torch.Tensor) -> list[torch.Tensor]:
+        """Samples ``(n, n_params)`` as ``(n, *p.shape)`` per parameter ``p``, in
+        the parameter's dtype (views where the dtype agrees)."""
+        chunks = torch.split(thetas, self._layer_sizes, dim=-1)
+        return [
+            c.reshape(len(thetas), *p.shape).to(p.dtype)
+            for c, p in zip(chunks, self.params)
+        ]

@@ -101,7 +101,21 @@ class FeatureExtractor(nn.Module):
     def find_last_layer(self, x: torch.Tensor | MutableMapping) -> torch.Tensor:
         """Run ``model(x)`` and take the last leaf module with parameters that was
         called as the last layer; return the model output."""
+        return self.find_last_layer_with_features(x)[0]
+
+    def find_last_layer_with_features(
+        self, x: torch.Tensor | MutableMapping
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`find_last_layer`, but return the model output ``(batch,
+        n_outputs)`` and the features ``(batch, n_features)`` of that same pass,
+        as :meth:`forward_with_features` would."""
         called: list[str] = []
+        last_input: list[Any] = [None]  # only the latest: activations are freed
+
+        def record(name: str, inputs: tuple[Any, ...]) -> None:
+            called.append(name)
+            last_input[0] = inputs[0]
+
         handles = []
         for name, module in self.model.named_modules():
             if next(module.children(), None) is None and any(
@@ -109,7 +123,7 @@ class FeatureExtractor(nn.Module):
             ):
                 handles.append(
                     module.register_forward_pre_hook(
-                        lambda _m, _i, name=name: called.append(name)
+                        lambda _m, inputs, name=name: record(name, inputs)
                     )
                 )
         try:
@@ -123,11 +137,14 @@ class FeatureExtractor(nn.Module):
                 "The model has no leaf module with parameters that could serve as the "
                 "last layer; pass last_layer_name explicitly."
             )
-        self.set_last_layer(called[-1])
+        name, features = called[-1], last_input[0]
+        self.set_last_layer(name)
         if not isinstance(self.last_layer, nn.Linear):
             raise ValueError(
-                f"The automatically found last layer {called[-1]!r} is a "
+                f"The automatically found last layer {name!r} is a "
                 f"{type(self.last_layer).__name__}, but last-layer Laplace needs an "
                 "nn.Linear; pass last_layer_name to choose it."
             )
-        return out
+        if not self.enable_backprop:
+            features = features.detach()
+        return out, self._reduce(features)

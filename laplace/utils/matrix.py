@@ -400,6 +400,19 @@ class KronDecomposed(_BlockKronecker):
             out.append(_rmatmul(Y, [q.mT for q in Q]))
         return torch.cat(out, dim=-1).reshape(W.shape)
 
+    def covariance_root_bmm(self, W: Tensor) -> Tensor:
+        """``W @ R^T`` with ``R = Q Lambda^{-1/2}``, so ``R R^T = M^{-1}``: rows of
+        standard-normal ``W`` become rows with covariance ``M^{-1}``, at one
+        rotation per block instead of the two of ``bmm(W, exponent=-0.5)``.
+
+        ``W``: `(batch, k, P)`, `(k, P)` or `(P,)`; returns ``W``'s shape.
+        """
+        out = [
+            _rmatmul(X * lam.rsqrt(), [q.mT for q in Q])
+            for X, Q, lam in self._blocks(W, "KronDecomposed.covariance_root_bmm")
+        ]
+        return torch.cat(out, dim=-1).reshape(W.shape)
+
     def inv_square_form(self, W: Tensor) -> Tensor:
         """``W @ M^{-1} @ W^T`` for ``W`` `(batch, k, P)` -> `(batch, k, k)`.
 
