@@ -178,20 +178,6 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
                 f"predictive of the linearised network); got {pred_type!r}."
             )
 
-    def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
-        if (
-            isinstance(n_samples, bool)
-            or not isinstance(n_samples, int)
-            or n_samples < 1
-        ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator must be a torch.Generator or None; got {type(generator)}."
-            )
-
     def __call__(
         self,
         x: Inputs,

@@ -57,18 +57,7 @@ class ParametricPredictionMixin:
             raise ValueError(
                 f"pred_type='nn' needs link_approx='mc'; got {link_approx.value!r}."
             )
-        if (
-            isinstance(n_samples, bool)
-            or not isinstance(n_samples, int)
-            or n_samples < 1
-        ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                f"generator must be a torch.Generator or None; got {type(generator)}."
-            )
+        self._check_sampling_args(n_samples, generator)
         if joint and (
             pred_type is not PredType.GLM
             or self.likelihood is not Likelihood.REGRESSION
