@@ -3,10 +3,11 @@ Laplace approximations."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,7 +16,9 @@ from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_de
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.utils import _is_valid_scalar
 
-__all__ = ["BaseLaplace", "NotFittedError"]
+__all__ = ["BaseLaplace", "NotFittedError", "atomic"]
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 class NotFittedError(ValueError, RuntimeError):
@@ -33,6 +36,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def atomic(method: _Method) -> _Method:
+    """Run ``method`` inside ``self._transaction()``: when it raises, the object
+    is left exactly as it was (see :meth:`BaseLaplace._transaction`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: BaseLaplace, *args: Any, **kwargs: Any) -> Any:
+        with self._transaction():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _positive_scalar(value: Any, name: str) -> None:
@@ -114,6 +129,31 @@ class BaseLaplace:
         self.sigma_noise = sigma_noise
         self.prior_precision = prior_precision
         self.prior_mean = prior_mean
+
+    # ---- transactions ---------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Either the block completes or this object keeps the attributes it had:
+        every attribute (re)assigned inside is restored when the block raises.
+
+        Costs one shallow copy of the attribute dict. Code inside must build new
+        tensors and containers rather than modify existing ones in place (fits
+        accumulate into scratch state and commit at the end).
+        """
+        saved = dict(vars(self))
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        """Assign a new, complete state built on the side (by ``fit`` or
+        ``load_state_dict``), then drop caches derived from the old one."""
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._hyperparameters_changed()
 
     # ---- model, device and backend -------------------------------------------
     def _set_device_dtype(self) -> None:

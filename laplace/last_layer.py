@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import eval_mode
+from laplace.base import atomic, eval_mode
+from laplace.last_layer_checkpoint import LastLayerCheckpointMixin
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.diag import DiagLaplace
 from laplace.parametric.fast_glm import (
@@ -25,12 +26,12 @@ from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
 from laplace.utils.enums import FeatureReduction, Likelihood
-from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 
 __all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
 
 
-class LLLaplace(ParametricLaplace):
+class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLaplace):
     """Base class of last-layer Laplace approximations.
 
     The model is wrapped in a :class:`FeatureExtractor` around a deep copy, so the
@@ -73,6 +74,9 @@ class LLLaplace(ParametricLaplace):
             enable_backprop=enable_backprop,
             feature_reduction=feature_reduction,
         )
+        # as given (None: found on the first batch); saved as in laplace-torch
+        self._last_layer_name = last_layer_name
+        self._first_batch: list | None = None
         super().__init__(
             extractor,
             likelihood,
@@ -90,8 +94,8 @@ class LLLaplace(ParametricLaplace):
 
     def _init_params(self) -> None:
         if self.model.last_layer is None:
-            # found on the first batch of fit()
-            self.params, self.mean, self.H = [], None, None
+            # found on the first batch of fit(); until then H is None
+            self.params, self.mean, self.H = [], self.prior_mean, None
             return
         super()._init_params()
 
@@ -101,9 +105,12 @@ class LLLaplace(ParametricLaplace):
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
+    @atomic
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
+        """See :meth:`ParametricLaplace.fit`; an unknown last layer is found on the
+        first batch (and forgotten again when the fit fails)."""
         try:
             if self.model.last_layer is None:
                 X, _ = next(self._batches(train_loader), (None, None))
@@ -112,11 +119,15 @@ class LLLaplace(ParametricLaplace):
                 with torch.no_grad(), eval_mode(self.model):
                     out, phi = self.model.find_last_layer_with_features(X)
                 self._remember_pass(X, out, phi)
-                self._backend = None
-                self._init_params()
+                self._use_found_last_layer()
             super().fit(train_loader, override=override, progress_bar=progress_bar)
         finally:
             self._last_pass = None
+
+    def _use_found_last_layer(self) -> None:
+        """Treat the parameters of the last layer just set (new backend too)."""
+        self._backend = None
+        self._init_params()
 
     # A forward pass gives outputs and features at once: fit needs the outputs
     # of the first batch (to find the last layer and the number of outputs) and
@@ -260,23 +271,6 @@ class LLLaplace(ParametricLaplace):
 
     def _last_layer_blocks(self) -> list[Block]:
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "last_layer_name": self.model.last_layer_name}
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        name = state_dict.get("last_layer_name")
-        if self.model.last_layer is None:
-            if name is None:
-                raise ValueError("State dict lacks 'last_layer_name'.")
-            self.model.set_last_layer(name)
-            self._backend = None
-            self._init_params()
-        elif name is not None and name != self.model.last_layer_name:
-            raise ValueError(
-                f"State dict was fitted on last layer {name!r}, this Laplace uses "
-                f"{self.model.last_layer_name!r}."
-            )
 
 
 class _PairRewards(nn.Module):

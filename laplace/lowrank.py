@@ -12,7 +12,7 @@ and ``p0`` the prior precision.  With ``B = U diag(sqrt(c lambda))`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 
 from laplace.base import eval_mode
+from laplace.checkpoint import tensor_entry
 from laplace.curvature.curvlinops import CurvlinopsInterface
 from laplace.parametric.base import ParametricLaplace
 from laplace.utils.enums import Likelihood
@@ -121,9 +122,15 @@ class LowRankLaplace(ParametricLaplace):
             )
         super().fit(train_loader, override=True, progress_bar=progress_bar)
 
-    def _init_H(self) -> None:
-        # (operator, scale) per batch until _after_fit replaces them by eigenpairs
-        self.H = []
+    def _zero_H(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # any orthonormal basis with zero eigenvalues: the posterior is the prior
+        k = min(self.low_rank, self.n_params)
+        U = torch.eye(self.n_params, k, device=self._device, dtype=self._dtype)
+        return U, torch.zeros(k, device=self._device, dtype=self._dtype)
+
+    def _zero_accumulator(self) -> list:
+        # (operator, scale) per batch; _posterior_state decomposes their sum
+        return []
 
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
@@ -133,21 +140,21 @@ class LowRankLaplace(ParametricLaplace):
         op, scale = backend._operator(X, y)
         return backend._forward_loss(X, y), [(op, scale)]
 
-    def _curvature_is_finite(self) -> bool:
-        # checked on the eigenpairs in _after_fit
+    def _curvature_is_finite(self, H: Any) -> bool:
+        # checked on the eigenpairs in _posterior_state
         return True
 
-    def _after_fit(self) -> None:
-        if isinstance(self.H, list):
+    def _posterior_state(self, H: Any) -> dict[str, Any]:
+        if isinstance(H, list):
             with eval_mode(self.model), torch.enable_grad():
-                self.H = self._top_eigenpairs(self.H)
-        U, eigenvalues = self.H
+                H = self._top_eigenpairs(H)
+        U, eigenvalues = H
         if not (torch.isfinite(U).all() and torch.isfinite(eigenvalues).all()):
             raise ValueError(
                 "The curvature eigenpairs contain NaN or Inf; check the data for "
                 "NaN/Inf and the model for divergence."
             )
-        self._woodbury_cache = None
+        return {"H": (U, eigenvalues)}
 
     def _top_eigenpairs(self, ops: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvectors `(P, k)` and eigenvalues `(k,)`, descending, of the summed
@@ -253,11 +260,21 @@ class LowRankLaplace(ParametricLaplace):
         U, eigenvalues = self.H
         return {"eigenvectors": U, "eigenvalues": eigenvalues}
 
-    def _load_H_state(self, state: Any) -> None:
-        self.H = (
-            state["eigenvectors"].to(self._device, self._dtype),
-            state["eigenvalues"].to(self._device, self._dtype),
+    def _validated_H(self, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = {"eigenvectors", "eigenvalues"}
+        if not isinstance(value, Mapping) or set(value) != keys:
+            got = sorted(value) if isinstance(value, Mapping) else type(value)
+            raise ValueError(
+                "State dict entry 'H' of LowRankLaplace must be a dict with keys "
+                f"{sorted(keys)}; got {got}."
+            )
+        P, k = self.n_params, min(self.low_rank, self.n_params)
+        like = self.prior_precision
+        U = tensor_entry(value["eigenvectors"], "H['eigenvectors']", (P, k), like=like)
+        eigenvalues = tensor_entry(
+            value["eigenvalues"], "H['eigenvalues']", (k,), like=like, nonnegative=True
         )
+        return U, eigenvalues
 
 
 def _dense_eigh(

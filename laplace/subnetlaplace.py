@@ -181,11 +181,14 @@ class SubnetLaplace(ParametricLaplace):
         return self.mean_subnet - self.prior_mean
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
+        return super()._precision_square_form(self._prior_coordinates(delta))
+
+    def _prior_coordinates(self, value: torch.Tensor) -> torch.Tensor:
         # log_prob gets full-length values (as returned by sample): the Gaussian
         # only sees their subnetwork entries
-        if delta.shape[-1] != self.n_params_subnet:
-            delta = delta[..., self.subnetwork_indices]
-        return super()._precision_square_form(delta)
+        if value.shape[-1] != self.n_params_subnet:
+            return value[..., self.subnetwork_indices]
+        return value
 
     # ---- sampling ------------------------------------------------------------------
     def assemble_full_samples(self, subnet_samples: torch.Tensor) -> torch.Tensor:
@@ -212,13 +215,23 @@ class SubnetLaplace(ParametricLaplace):
             self.mean_subnet + self._sample_deviations(eps)
         )
 
-    # ---- serialization ---------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "subnetwork_indices": self.subnetwork_indices}
+    # ---- checkpoints ------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {"subnetwork_indices": self.subnetwork_indices}
 
     def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("subnetwork_indices")
-        if saved is None or not torch.equal(
+        # laplace-torch's state dicts have no indices: this object's are used
+        if "subnetwork_indices" not in state_dict:
+            return
+        try:
+            saved = check_subnetwork_indices(
+                state_dict["subnetwork_indices"], sum(self._layer_sizes)
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"State dict entry 'subnetwork_indices': {error}"
+            ) from None
+        if not torch.equal(
             saved.to(self.subnetwork_indices.device), self.subnetwork_indices
         ):
             raise ValueError(

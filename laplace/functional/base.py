@@ -106,8 +106,11 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         self.prior_mean = self.prior_mean
 
     def _refresh_mean(self) -> None:
-        """The MAP: the treated parameters as a vector ``(n_params,)``."""
-        self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
+        self.mean = self._parameter_vector()
+
+    def _parameter_vector(self) -> torch.Tensor:
+        """The MAP: the treated parameters as a new vector ``(n_params,)``."""
+        return parameters_to_vector(self.params).detach().to(self._dtype)
 
     def _treated_parameters(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model)

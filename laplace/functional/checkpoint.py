@@ -1,7 +1,8 @@
 """Checkpoints of the function-space Laplace approximations: ``state_dict`` /
 ``load_state_dict`` that refuse a state of another class, likelihood, backend
 (class and keyword arguments), dict keys or model (fingerprint of its
-parameters and buffers)."""
+parameters and buffers), validate every entry before assigning anything and
+leave the object unchanged when they fail."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from typing import Any
 
 import torch
 
+from laplace.base import atomic
+from laplace.checkpoint import (
+    bool_entry,
+    check_state_dict,
+    detached_copy,
+    integer_entry,
+    loss_entry,
+    validated_hyperparameters,
+)
 from laplace.utils.functional_utils import same_configuration
 
 __all__ = ["FunctionalCheckpointMixin"]
@@ -47,48 +57,60 @@ class FunctionalCheckpointMixin:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to restore the fitted approximation; only tensors,
-        numbers, strings, lists and dicts, so it loads with
+        """Everything needed to restore the fitted approximation, as copies
+        (editing the dict never changes this object); only tensors, numbers,
+        strings, lists and dicts, so it loads with
         ``torch.load(..., weights_only=True)``."""
         self._check_fitted()
-        return {
-            **self._configuration(),
-            "model_fingerprint": self.model_fingerprint(),
-            "loss": torch.as_tensor(self.loss).detach(),
-            "prior_mean": self.prior_mean.detach(),
-            "prior_precision": self.prior_precision.detach(),
-            "sigma_noise": self.sigma_noise.detach(),
-            "temperature": float(self.temperature),
-            "enable_backprop": self.enable_backprop,
-            "n_data": int(self.n_data),
-            "n_outputs": int(self.n_outputs),
-            "n_params": int(self.n_params),
-            **self._own_state(),
-        }
+        return detached_copy(
+            {
+                **self._configuration(),
+                "model_fingerprint": self.model_fingerprint(),
+                "loss": torch.as_tensor(self.loss),
+                "prior_mean": self.prior_mean,
+                "prior_precision": self.prior_precision,
+                "sigma_noise": self.sigma_noise,
+                "temperature": float(self.temperature),
+                "enable_backprop": bool(self.enable_backprop),
+                "n_data": int(self.n_data),
+                "n_outputs": int(self.n_outputs),
+                "n_params": int(self.n_params),
+                **self._own_state(),
+            }
+        )
 
     def _own_state(self) -> dict[str, Any]:
         """Class-specific entries of :meth:`state_dict` (keys ``_state_keys``)."""
         return {}
 
+    @atomic
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict`; refuses states of another
-        class, likelihood, backend (class and kwargs), dict keys or model."""
-        cls_name = state_dict.get("cls_name")
-        if cls_name != type(self).__name__:
-            raise ValueError(
-                f"State dict has cls_name={cls_name!r}; cannot load it into "
-                f"{type(self).__name__}."
-            )
+        """Restore a state saved by :meth:`state_dict`.
+
+        Every entry is validated before anything is assigned, and a failing load
+        leaves the object unchanged.
+
+        Raises
+        ------
+        TypeError
+            ``state_dict`` is not a dict, or an entry has the wrong type.
+        StateDictKeyError
+            Required keys are missing (a ``KeyError`` and a ``ValueError``).
+        ValueError
+            Another class, likelihood, backend (class and kwargs), dict keys or
+            model; unexpected keys; entries of the wrong shape, NaN/Inf, invalid
+            hyperparameters.
+        """
         expected = set(self._configuration()) | set(self._state_keys)
         expected |= {"model_fingerprint", "loss", "prior_mean", "prior_precision"}
         expected |= {"sigma_noise", "temperature", "enable_backprop", "n_data"}
         expected |= {"n_outputs", "n_params"}
-        missing = sorted(expected - set(state_dict))
+        check_state_dict(state_dict, type(self).__name__, sorted(expected))
         unknown = sorted(set(state_dict) - expected)
-        if missing or unknown:
+        if unknown:
             raise ValueError(
-                f"Invalid state dict for {type(self).__name__}: missing keys "
-                f"{missing}, unexpected keys {unknown}."
+                f"Invalid state dict for {type(self).__name__}: unexpected keys "
+                f"{unknown}."
             )
         for key, value in self._configuration().items():
             if not same_configuration(state_dict[key], value):
@@ -102,24 +124,36 @@ class FunctionalCheckpointMixin:
                 "State dict was fitted on a model with other parameters or buffers "
                 "(model fingerprint differs); load it into the model it was fitted on."
             )
-        if state_dict["n_params"] != self.n_params:
+        n_params = integer_entry(state_dict["n_params"], "n_params")
+        if n_params != self.n_params:
             raise ValueError(
-                f"State dict is over {state_dict['n_params']} parameters, this model "
-                f"treats {self.n_params}."
+                f"State dict is over {n_params} parameters, this model treats "
+                f"{self.n_params}."
             )
-        self.loss = state_dict["loss"].to(self._device, self._dtype)
-        self.n_data = int(state_dict["n_data"])
-        self.n_outputs = int(state_dict["n_outputs"])
-        self.temperature = state_dict["temperature"]
-        self.enable_backprop = bool(state_dict["enable_backprop"])
-        self.sigma_noise = state_dict["sigma_noise"]
-        self.prior_mean = state_dict["prior_mean"]
-        self.prior_precision = state_dict["prior_precision"]
+        like = self.prior_precision
+        state = {
+            "loss": loss_entry(state_dict["loss"], like),
+            "n_data": integer_entry(state_dict["n_data"], "n_data", minimum=1),
+            "n_outputs": integer_entry(state_dict["n_outputs"], "n_outputs", 1),
+            "enable_backprop": bool_entry(
+                state_dict["enable_backprop"], "enable_backprop"
+            ),
+            **validated_hyperparameters(self, state_dict),
+        }
+        self._check_own_state(state_dict)
+        # everything checked: assign (recomputing Jacobians may still fail, the
+        # transaction then restores the object)
+        self._commit(state)
         self._refresh_mean()
         self._load_own_state(state_dict)
 
     def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        """Hook run before the model checks (e.g. to set the last layer)."""
+        """Hook run before the model checks (e.g. to set the last layer); a
+        failing load undoes it."""
+
+    def _check_own_state(self, state_dict: dict[str, Any]) -> None:
+        """Validate the class-specific entries (types, shapes, finite values)
+        without assigning anything."""
 
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         raise NotImplementedError

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from laplace.base import eval_mode
+from laplace.base import atomic, eval_mode
+from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
 from laplace.functional.base import (
     BaseFunctionalLaplace,
     Inputs,
@@ -127,6 +128,7 @@ class ELLA(BaseFunctionalLaplace):
         _check_zero_prior_mean(prior_mean, type(self).__name__)
 
     # ---- fit ---------------------------------------------------------------------------
+    @atomic
     @preserve_model_gradients
     def fit(
         self,
@@ -224,6 +226,13 @@ class ELLA(BaseFunctionalLaplace):
             best = self._check_validation(val_loader, best)
         if best is not None:
             self.feature_gram, self.loss, self.n_data = best[1:]
+        if not (
+            torch.isfinite(self.loss).all() and torch.isfinite(self.feature_gram).all()
+        ):
+            raise ValueError(
+                "The training loss or the feature Gram matrix contains NaN or Inf; "
+                "check the data for NaN/Inf and the model for divergence."
+            )
         self._hyperparameters_changed()
 
     def _check_validation(self, val_loader: Iterable, best: tuple | None) -> tuple:
@@ -370,14 +379,33 @@ class ELLA(BaseFunctionalLaplace):
             "fit_history": {k: list(v) for k, v in self.fit_history_.items()},
         }
 
-    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
-        V = state_dict["dual_directions"]
-        if V.shape[0] != self.n_params:
+    def _check_own_state(self, state_dict: dict[str, Any]) -> None:
+        V = tensor_entry(state_dict["dual_directions"], "dual_directions")
+        if V.ndim != 2 or V.shape[0] != self.n_params:
             raise ValueError(
-                f"dual_directions has {V.shape[0]} rows; the model has "
-                f"{self.n_params} parameters."
+                f"State dict entry 'dual_directions' has shape {tuple(V.shape)}; the "
+                f"model has {self.n_params} parameters, so (n_params, k) is needed."
             )
-        self.dual_directions = V.to(self._device, self._dtype)
-        self.feature_gram = state_dict["feature_gram"].to(self._device, self._dtype)
-        self.fit_history_ = {k: list(v) for k, v in state_dict["fit_history"].items()}
-        self._hyperparameters_changed()
+        if not 1 <= V.shape[1] <= self.n_eigenvalues:
+            raise ValueError(
+                f"State dict entry 'dual_directions' has {V.shape[1]} columns; "
+                f"n_eigenvalues={self.n_eigenvalues} allows 1 to {self.n_eigenvalues}."
+            )
+        k = V.shape[1]
+        gram = tensor_entry(state_dict["feature_gram"], "feature_gram", (k, k))
+        symmetric_entry(gram, "feature_gram")
+        history_entry(state_dict["fit_history"])
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        like = self.prior_precision
+        self._commit(
+            {
+                "dual_directions": tensor_entry(
+                    state_dict["dual_directions"], "dual_directions", like=like
+                ),
+                "feature_gram": tensor_entry(
+                    state_dict["feature_gram"], "feature_gram", like=like
+                ),
+                "fit_history_": history_entry(state_dict["fit_history"]),
+            }
+        )

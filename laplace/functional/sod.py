@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import eval_mode
+from laplace.base import atomic, eval_mode
+from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
 from laplace.functional.base import (
     BaseFunctionalLaplace,
@@ -34,7 +35,7 @@ from laplace.functional.base import (
 )
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import FeatureReduction, Likelihood
-from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 from laplace.utils.functional_utils import (
     concatenate_rows,
     preserve_model_gradients,
@@ -131,10 +132,12 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         )
 
     # ---- fit ---------------------------------------------------------------------------
+    @atomic
     @preserve_model_gradients
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``
-        (``train_loader.dataset`` must be indexable)."""
+        (``train_loader.dataset`` must be indexable). Only a fit that completes
+        changes the object."""
         n_total = dataset_size(train_loader)
         self._before_fit(train_loader)
         indices = training_indices(n_total, self.n_subset, self.seed)
@@ -151,18 +154,32 @@ class FunctionalLaplace(BaseFunctionalLaplace):
                 inputs.append(X)
                 jacobians.append(Js)
                 outputs.append(f)
-        self.n_outputs = int(outputs[0].shape[-1])
-        self._subset_inputs = concatenate_rows(inputs)
-        self.loss, self.n_data = loss, self.n_subset
-        self._refresh_mean()
-        self._factorize(torch.cat(jacobians), torch.cat(outputs))
+        if not outputs:
+            raise ValueError("train_loader yielded no batches.")
+        J, f = torch.cat(jacobians), torch.cat(outputs)
+        finite = torch.isfinite(torch.as_tensor(loss)).all()
+        if not (finite and torch.isfinite(J).all() and torch.isfinite(f).all()):
+            raise ValueError(
+                "The training loss or the Jacobians contain NaN or Inf; check the "
+                "data for NaN/Inf and the model for divergence."
+            )
+        self._commit(
+            {
+                "n_outputs": int(f.shape[-1]),
+                "_subset_inputs": concatenate_rows(inputs),
+                "loss": loss,
+                "n_data": self.n_subset,
+                "mean": self._parameter_vector(),
+                **self._factorization(J, f),
+            }
+        )
 
     def _before_fit(self, train_loader: Iterable) -> None:
         """Hook run before the subset pass (e.g. to find the last layer)."""
 
-    def _factorize(self, J: torch.Tensor, f: torch.Tensor) -> None:
-        """Keep ``G = L^T J`` ``(M, O, P)`` and the eigendecomposition of ``G G^T``
-        (per output with ``independent_outputs``)."""
+    def _factorization(self, J: torch.Tensor, f: torch.Tensor) -> dict[str, Any]:
+        """``G = L^T J`` ``(M, O, P)`` and the eigendecomposition of ``G G^T``
+        (per output with ``independent_outputs``), as attributes to assign."""
         L = self._lambda_sqrt(f)
         if self.independent_outputs:
             lam = torch.ones_like(f) if L is None else L.square().sum(-1)
@@ -172,9 +189,8 @@ class FunctionalLaplace(BaseFunctionalLaplace):
             G = J if L is None else torch.einsum("noc,nop->ncp", L, J)
             G_flat = G.reshape(-1, G.shape[-1])
             A = G_flat @ G_flat.T  # (M * O, M * O)
-        self._G = G
-        self._eigvals, self._eigvecs = symeig(0.5 * (A + A.mT))
-        self._hyperparameters_changed()
+        eigvals, eigvecs = symeig(0.5 * (A + A.mT))
+        return {"_G": G, "_eigvals": eigvals, "_eigvecs": eigvecs}
 
     # ---- marginal likelihood -------------------------------------------------------------
     @property
@@ -253,21 +269,31 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         X = self._subset_inputs
         return {"subset_inputs": X if isinstance(X, torch.Tensor) else dict(X)}
 
+    def _check_own_state(self, state_dict: dict[str, Any]) -> None:
+        X = state_dict["subset_inputs"]
+        inputs_entry(X, "subset_inputs")
+        n = batch_size(X, self.dict_key_x)
+        if n != self.n_subset:
+            raise ValueError(
+                f"State dict entry 'subset_inputs' holds {n} inputs; n_subset is "
+                f"{self.n_subset}."
+            )
+
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
-        X = to_device(state_dict["subset_inputs"], self._device)
+        X = to_device(detached_copy(state_dict["subset_inputs"]), self._device)
         n = batch_size(X, self.dict_key_x)
         jacobians, outputs = [], []
-        with eval_mode(self.model):
+        with eval_mode(self.model), model_inputs_entry("subset_inputs"):
             for start in range(0, n, _CHUNK):
                 rows = select_rows(X, slice(start, start + _CHUNK), self.dict_key_x)
                 Js, f = self._jacobians(rows, enable_backprop=False)
                 jacobians.append(Js)
                 outputs.append(f)
-        self._subset_inputs = X
-        self._factorize(torch.cat(jacobians), torch.cat(outputs))
+        J, f = torch.cat(jacobians), torch.cat(outputs)
+        self._commit({"_subset_inputs": X, **self._factorization(J, f)})
 
 
-class FunctionalLLLaplace(FunctionalLaplace):
+class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
     """:class:`FunctionalLaplace` over the last layer only: the GP inputs are the
     penultimate features of a deep copy of ``model`` (wrapped in a
     :class:`~laplace.utils.feature_extractor.FeatureExtractor`).
@@ -341,6 +367,7 @@ class FunctionalLLLaplace(FunctionalLaplace):
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
     def _before_fit(self, train_loader: Iterable) -> None:
+        # fit() runs in a transaction: a failing fit forgets the layer found here
         if self.model.last_layer is not None:
             return
         X, _ = next(self._batches(train_loader), (None, None))
@@ -363,6 +390,11 @@ class FunctionalLLLaplace(FunctionalLaplace):
 
     def _prepare_load(self, state_dict: dict[str, Any]) -> None:
         name = state_dict["last_layer_name"]
+        if not isinstance(name, str):
+            raise TypeError(
+                "State dict entry 'last_layer_name' must be a str; got "
+                f"{type(name).__name__}."
+            )
         if self.model.last_layer is None:
             self.model.set_last_layer(name)
             self._backend = None

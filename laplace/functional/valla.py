@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import eval_mode
+from laplace.base import atomic, eval_mode
+from laplace.checkpoint import (
+    detached_copy,
+    history_entry,
+    inputs_entry,
+    model_inputs_entry,
+    tensor_entry,
+)
 from laplace.functional.alpha_energy import (
     categorical_energy,
     check_alpha_arguments,
@@ -169,6 +176,7 @@ class VaLLA(BaseFunctionalLaplace):
         return 2 * self.sigma_noise.log()
 
     # ---- fit ---------------------------------------------------------------------------
+    @atomic
     @preserve_model_gradients
     def fit(
         self,
@@ -208,8 +216,15 @@ class VaLLA(BaseFunctionalLaplace):
                 eye = torch.eye(len(self._J_Z), device=self._device, dtype=self._dtype)
                 self.L = pack_lower(eye / self.prior_precision.sqrt())
                 self.fit_history_ = {"objective": [], "val_nll": []}
+            # appended to below: a new dict, so a failing fit keeps the old history
+            self.fit_history_ = {k: list(v) for k, v in self.fit_history_.items()}
             self.n_data = n_total
             self.loss = self._training_loss(train_loader)
+            if not torch.isfinite(self.loss):
+                raise ValueError(
+                    f"The training loss is not finite ({float(self.loss)}): check "
+                    "the data for NaN/Inf and the model for divergence."
+                )
             self._optimize(
                 train_loader, iterations, lr, val_loader, val_steps, progress_bar
             )
@@ -395,16 +410,34 @@ class VaLLA(BaseFunctionalLaplace):
             "fit_history": {k: list(v) for k, v in self.fit_history_.items()},
         }
 
-    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+    def _check_own_state(self, state_dict: dict[str, Any]) -> None:
         classes = state_dict["inducing_classes"]
+        if not isinstance(classes, torch.Tensor):
+            raise TypeError(
+                "State dict entry 'inducing_classes' must be a tensor; got "
+                f"{type(classes).__name__}."
+            )
+        check_inducing_classes(classes)
+        inputs_entry(state_dict["inducing_inputs"], "inducing_inputs")
+        L = tensor_entry(state_dict["L"], "L")
+        if L.ndim != 1:
+            raise ValueError(
+                f"State dict entry 'L' must be a packed lower triangle (1-d); got "
+                f"shape {tuple(L.shape)}."
+            )
+        history_entry(state_dict["fit_history"])
+
+    def _load_own_state(self, state_dict: dict[str, Any]) -> None:
+        classes = state_dict["inducing_classes"].clone()
         self.inducing_classes = classes if classes.numel() else None
-        with eval_mode(self.model):
-            self._set_inducing(to_device(state_dict["inducing_inputs"], self._device))
+        Z = detached_copy(state_dict["inducing_inputs"])
+        with eval_mode(self.model), model_inputs_entry("inducing_inputs"):
+            self._set_inducing(to_device(Z, self._device))
         k = len(self._J_Z)
         if state_dict["L"].shape != (k * (k + 1) // 2,):
             raise ValueError(
                 f"L has shape {tuple(state_dict['L'].shape)}; {k} inducing outputs "
                 f"need ({k * (k + 1) // 2},)."
             )
-        self.L = state_dict["L"].to(self._device, self._dtype)
-        self.fit_history_ = {k: list(v) for k, v in state_dict["fit_history"].items()}
+        self.L = tensor_entry(state_dict["L"], "L", like=self.prior_precision)
+        self.fit_history_ = history_entry(state_dict["fit_history"])

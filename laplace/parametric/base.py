@@ -3,7 +3,8 @@
 The structure of the posterior precision ``P`` (full, Kronecker-factored, diagonal)
 is left to subclasses, which implement a handful of hooks:
 
-- ``_init_H`` / ``_curv_closure`` / ``_after_fit``: accumulate curvature in ``fit``,
+- ``_zero_H`` / ``_curv_closure`` / ``_posterior_state``: accumulate curvature in
+  ``fit`` (into scratch state, committed only when the fit completes),
 - ``posterior_precision`` and ``log_det_posterior_precision``,
 - ``_cov_square_form(W)``: ``W Sigma W^T`` for ``W`` of shape ``(batch, k, n_params)``,
 - ``_sample_deviations(eps)``: ``Sigma^{1/2}`` applied to standard normal draws.
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from laplace.base import BaseLaplace, eval_mode
+from laplace.base import BaseLaplace, atomic, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
+from laplace.parametric.checkpoint import ParametricCheckpointMixin
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.enums import Likelihood
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
@@ -27,9 +29,14 @@ from laplace.utils.utils import expand_to_parameters, trainable_parameters
 __all__ = ["ParametricLaplace"]
 
 
-class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
+class ParametricLaplace(
+    ParametricCheckpointMixin, ParametricPredictionMixin, BaseLaplace
+):
     """Laplace approximation in weight space; see :class:`BaseLaplace` for the
     constructor arguments. Only parameters with ``requires_grad=True`` are treated.
+
+    Before :meth:`fit` the object holds the prior: ``mean`` is ``prior_mean`` and
+    ``H`` a zero curvature of the final structure (allocated on first access).
     """
 
     _key: tuple[str, str] | None = None
@@ -50,11 +57,12 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         self.n_layers = len(self.params)
         self._layer_sizes = [p.numel() for p in self.params]
         self.n_params = sum(self._layer_sizes)
-        self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
-        self.H = None
         # re-validate hyperparameters now that the sizes are known
         self.prior_precision = self.prior_precision
         self.prior_mean = self.prior_mean
+        # unfitted: the posterior is the prior
+        self.mean = self.prior_mean
+        self.H = None
 
     def _treated_parameters(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model)
@@ -88,7 +96,34 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         """The prior precision expanded to ``(n_params,)``."""
         return expand_to_parameters(self.prior_precision, self._layer_sizes)
 
+    # ---- curvature -----------------------------------------------------------------
+    @property
+    def H(self) -> Any:
+        """The curvature (log-likelihood Hessian approximation). Before
+        :meth:`fit` a zero object of the final structure, allocated on first
+        access (``None`` while the treated parameters are unknown)."""
+        if self._H is None and self.params:
+            self._H = self._zero_H()
+        return self._H
+
+    @H.setter
+    def H(self, value: Any) -> None:
+        self._H = value
+
+    def _init_H(self) -> None:
+        """Reset the curvature to zeros."""
+        self.H = self._zero_H()
+
+    def _zero_H(self) -> Any:
+        """A zero curvature of this structure."""
+        raise NotImplementedError
+
+    def _zero_accumulator(self) -> Any:
+        """Where ``fit`` starts summing the batches' curvature."""
+        return self._zero_H()
+
     # ---- fit --------------------------------------------------------------------------
+    @atomic
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
@@ -107,6 +142,10 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
 
         Notes
         -----
+        The batches are checked and summed into scratch state; only a fit that
+        completes replaces the posterior. When it raises (bad targets, NaN/Inf,
+        an error of the model, ...) the object is exactly as before.
+
         Under an initialised ``torch.distributed`` process group with more than
         one rank, a loader with a ``DistributedSampler`` is a shard: loss and
         curvature are summed over all ranks (sampler padding dropped), so every
@@ -117,13 +156,8 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         shard = data_shard(train_loader, n_new)
         if shard is not None:
             n_new = shard.global_size
-        if override or not self.is_fitted:
-            self._init_H()
-            self.loss, self.n_data = 0.0, 0
-        else:
-            self._before_accumulate(n_new)
-        carried = self._start_shard() if shard is not None else None
-        n_total = self.n_data + n_new
+        carry = not override and self.is_fitted
+        n_total = n_new + (self.n_data if carry else 0)
         batches = self._batches(train_loader)
         if shard is not None:
             batches = shard.unpadded(batches, self.dict_key_x)
@@ -131,58 +165,77 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="Laplace fit")
-        seen = 0
+        # scratch: loss and curvature of the new data (never modified in place)
+        loss, H, seen, first = 0.0, self._zero_accumulator(), 0, None
         with eval_mode(self.model):
-            self._refresh_mean()
+            mean = self._parameter_vector()
             for X, y in batches:
-                X, y = self._prepare_batch(X, y)
-                loss_batch, H_batch = self._curv_closure(X, y, n_total)
-                self.loss = self.loss + loss_batch.detach().to(self._dtype)
-                self.H = self.H + H_batch
+                X, targets = self._prepare_batch(X, y)
+                loss_batch, H_batch = self._curv_closure(X, targets, n_total)
+                loss = loss + loss_batch.detach().to(self._dtype)
+                H = H + H_batch
+                first = (X, y) if first is None else first
                 seen += 1
         if shard is not None:
-            seen = self._reduce_across_ranks(seen, carried)
+            loss, H, seen = self._reduce_across_ranks(loss, H, seen)
         if seen == 0:
             raise ValueError("train_loader yielded no batches.")
-        self.n_data = n_total
-        self._check_finite_fit()
-        self._after_fit()
+        if carry:
+            loss, H = self.loss + loss, self._carried_H(n_new) + H
+        self._check_finite_fit(loss, H)
+        self._commit(
+            {
+                "mean": mean,
+                "loss": torch.as_tensor(loss, dtype=self._dtype, device=self._device),
+                "n_data": n_total,
+                **self._first_batch_state(first),
+                **self._posterior_state(H),
+            }
+        )
 
-    def _start_shard(self) -> tuple[Any, list[torch.Tensor]]:
-        """Set aside what an earlier fit left (``override=False``): only the new
-        data is summed over the ranks."""
-        carried = (self.loss, self._curvature_tensors())
-        self._init_H()
-        self.loss = 0.0
-        return carried
+    def _posterior_state(self, H: Any) -> dict[str, Any]:
+        """Attributes of the posterior with summed curvature ``H`` (structures
+        that decompose ``H`` do it here, before anything is assigned)."""
+        return {"H": H}
+
+    def _first_batch_state(self, batch: tuple[Any, torch.Tensor]) -> dict[str, Any]:
+        """Attributes kept from the first training batch ``(X, y)`` (last-layer
+        checkpoints save it)."""
+        return {}
+
+    def _carried_H(self, n_new: int) -> Any:
+        """The current curvature, to be added to that of ``n_new`` new data points
+        (``fit(..., override=False)``)."""
+        return self.H
 
     def _reduce_across_ranks(
-        self, seen: int, carried: tuple[Any, list[torch.Tensor]]
-    ) -> int:
-        """Sum loss and curvature of a sharded fit over all ranks (see
-        :mod:`laplace.distributed`), add back ``carried``; returns the batches
-        seen by all ranks."""
-        loss = torch.as_tensor(self.loss, dtype=self._dtype, device=self._device)
-        reduced = all_reduce_sum([loss.reshape(1), *self._curvature_tensors()])
-        self.loss = carried[0] + reduced[0].reshape(())
-        self._set_curvature_tensors([c + r for c, r in zip(carried[1], reduced[1:])])
+        self, loss: Any, H: Any, seen: int
+    ) -> tuple[torch.Tensor, Any, int]:
+        """Loss, curvature and batch count of a sharded fit summed over all ranks
+        (see :mod:`laplace.distributed`)."""
+        loss = torch.as_tensor(loss, dtype=self._dtype, device=self._device)
+        reduced = all_reduce_sum([loss.reshape(1), *self._curvature_tensors(H)])
         # a rank without batches has not seen the outputs yet
         self.n_outputs = all_reduce_max(self.n_outputs or 0, self._device) or None
-        return all_reduce_max(seen, self._device)
+        H = self._rebuild_curvature(H, reduced[1:])
+        return reduced[0].reshape(()), H, all_reduce_max(seen, self._device)
 
-    def _curvature_tensors(self) -> list[torch.Tensor]:
+    def _curvature_tensors(self, H: Any) -> list[torch.Tensor]:
         """The accumulated curvature as tensors (for ``all_reduce``)."""
-        if not isinstance(self.H, torch.Tensor):
+        if not isinstance(H, torch.Tensor):
             raise NotImplementedError(
                 f"{type(self).__name__} does not support distributed fitting."
             )
-        return [self.H]
+        return [H]
 
-    def _set_curvature_tensors(self, tensors: list[torch.Tensor]) -> None:
-        (self.H,) = tensors
+    def _rebuild_curvature(self, H: Any, tensors: list[torch.Tensor]) -> Any:
+        """Curvature like ``H`` made of ``tensors`` (from ``_curvature_tensors``)."""
+        (H,) = tensors
+        return H
 
-    def _refresh_mean(self) -> None:
-        self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
+    def _parameter_vector(self) -> torch.Tensor:
+        """The treated parameters (the MAP) as a new vector ``(n_params,)``."""
+        return parameters_to_vector(self.params).detach().to(self._dtype)
 
     def _model_outputs(self, X: Any) -> torch.Tensor:
         with torch.no_grad():
@@ -219,29 +272,20 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
                 )
         return y
 
-    def _check_finite_fit(self) -> None:
-        if not torch.isfinite(torch.as_tensor(self.loss)).all():
+    def _check_finite_fit(self, loss: Any, H: Any) -> None:
+        if not torch.isfinite(torch.as_tensor(loss)).all():
             raise ValueError(
-                f"The training loss is not finite ({float(self.loss)}): check the "
+                f"The training loss is not finite ({float(loss)}): check the "
                 "data for NaN/Inf and the model for divergence."
             )
-        if not self._curvature_is_finite():
+        if not self._curvature_is_finite(H):
             raise ValueError(
                 "The curvature contains NaN or Inf; check the data for NaN/Inf and "
                 "the model for divergence."
             )
 
-    def _curvature_is_finite(self) -> bool:
-        return bool(torch.isfinite(self.H).all())
-
-    def _before_accumulate(self, n_new: int) -> None:
-        """Hook run before ``fit(..., override=False)`` adds ``n_new`` data points."""
-
-    def _after_fit(self) -> None:
-        """Hook run at the end of ``fit`` (e.g. to decompose the curvature)."""
-
-    def _init_H(self) -> None:
-        raise NotImplementedError
+    def _curvature_is_finite(self, H: Any) -> bool:
+        return bool(torch.isfinite(H).all())
 
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
@@ -290,8 +334,10 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         return None
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-        """Log density of the posterior at ``value`` ``(n_params,)``."""
-        self._check_fitted()
+        """Log density of the posterior at ``value`` ``(n_params,)``; before
+        :meth:`fit`, of the prior ``N(prior_mean, diag(prior_precision)^-1)``."""
+        if not self.is_fitted:
+            return self._prior_log_prob(value, normalized)
         delta = value - self.mean
         log_prob = -0.5 * self._precision_square_form(delta)
         if normalized:
@@ -303,6 +349,24 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _prior_log_prob(self, value: torch.Tensor, normalized: bool) -> torch.Tensor:
+        """``sum_i log N(value_i; prior_mean_i, 1 / prior_precision_i)`` (without
+        the normalising constant unless ``normalized``)."""
+        delta = self._prior_coordinates(value) - self.prior_mean
+        if self.n_params is None:  # parameters unknown yet: a scalar prior
+            precision = self.prior_precision.expand(delta.shape[-1])
+        else:
+            precision = self.prior_precision_diag
+        log_prob = -0.5 * (precision * delta.square()).sum(-1)
+        if normalized:
+            log_2pi = torch.log(torch.tensor(2 * torch.pi, dtype=precision.dtype))
+            log_prob = log_prob + 0.5 * (precision.log() - log_2pi).sum()
+        return log_prob
+
+    def _prior_coordinates(self, value: torch.Tensor) -> torch.Tensor:
+        """The entries of ``value`` that the prior covers."""
+        return value
 
     def log_marginal_likelihood(
         self,
@@ -322,66 +386,3 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
         return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
-
-    # ---- serialization ---------------------------------------------------------------
-    def _H_state(self) -> Any:
-        return self.H
-
-    def _load_H_state(self, state: Any) -> None:
-        self.H = state
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to restore the fitted posterior; only tensors, numbers
-        and strings, so it loads with ``torch.load(..., weights_only=True)``."""
-        self._check_fitted()
-        return {
-            "mean": self.mean,
-            "H": self._H_state(),
-            "loss": torch.as_tensor(self.loss),
-            "prior_mean": self.prior_mean.detach(),
-            "prior_precision": self.prior_precision.detach(),
-            "sigma_noise": self.sigma_noise.detach(),
-            "n_data": int(self.n_data),
-            "n_outputs": int(self.n_outputs),
-            "likelihood": self.likelihood.value,
-            "temperature": float(self.temperature),
-            "enable_backprop": self.enable_backprop,
-            "n_params": int(self.n_params),
-            "cls_name": type(self).__name__,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a posterior saved by :meth:`state_dict` of the same class, model
-        and likelihood."""
-        cls_name = state_dict.get("cls_name")
-        if cls_name != type(self).__name__:
-            raise ValueError(
-                f"State dict was saved from {cls_name}, cannot load it into "
-                f"{type(self).__name__}."
-            )
-        if state_dict["likelihood"] != self.likelihood.value:
-            raise ValueError(
-                f"State dict has likelihood={state_dict['likelihood']!r}, this "
-                f"Laplace has {self.likelihood.value!r}."
-            )
-        self._prepare_load(state_dict)
-        if state_dict["n_params"] != self.n_params:
-            raise ValueError(
-                f"State dict holds a posterior over {state_dict['n_params']} "
-                f"parameters, this model has {self.n_params}: it comes from another "
-                "model."
-            )
-        self.mean = state_dict["mean"].to(self._device, self._dtype)
-        self._load_H_state(state_dict["H"])
-        self.loss = state_dict["loss"].to(self._device, self._dtype)
-        self.n_data = int(state_dict["n_data"])
-        self.n_outputs = int(state_dict["n_outputs"])
-        self.temperature = state_dict["temperature"]
-        self.enable_backprop = bool(state_dict["enable_backprop"])
-        self.sigma_noise = state_dict["sigma_noise"]
-        self.prior_mean = state_dict["prior_mean"]
-        self.prior_precision = state_dict["prior_precision"]
-        self._after_fit()
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        """Hook for subclasses that need the state before the checks."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from laplace.checkpoint import tensor_entry
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.fast_glm import diag_blocks
 from laplace.parametric.layer_curvature import exact_ggn_closure
@@ -19,8 +20,11 @@ class DiagLaplace(ParametricLaplace):
 
     _key = ("all", "diag")
 
-    def _init_H(self) -> None:
-        self.H = torch.zeros(self.n_params, device=self._device, dtype=self._dtype)
+    def _zero_H(self) -> torch.Tensor:
+        return torch.zeros(self.n_params, device=self._device, dtype=self._dtype)
+
+    def _validated_H(self, value: Any) -> torch.Tensor:
+        return tensor_entry(value, "H", (self.n_params,), like=self.prior_precision)
 
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from laplace.checkpoint import symmetric_entry, tensor_entry
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.layer_curvature import exact_ggn_closure
 
@@ -22,8 +23,8 @@ class FullLaplace(ParametricLaplace):
 
     _key = ("all", "full")
 
-    def _init_H(self) -> None:
-        self.H = torch.zeros(
+    def _zero_H(self) -> torch.Tensor:
+        return torch.zeros(
             self.n_params, self.n_params, device=self._device, dtype=self._dtype
         )
 
@@ -36,9 +37,14 @@ class FullLaplace(ParametricLaplace):
         loss, H = self.backend.full(X, y)
         return loss, H.to(self._dtype)
 
-    def _after_fit(self) -> None:
-        self._H_eigenvalues = None
-        self._hyperparameters_changed()
+    def _posterior_state(self, H: torch.Tensor) -> dict[str, Any]:
+        return {"H": H, "_H_eigenvalues": None}
+
+    def _validated_H(self, value: Any) -> torch.Tensor:
+        P = self.n_params
+        return symmetric_entry(
+            tensor_entry(value, "H", (P, P), like=self.prior_precision), "H"
+        )
 
     def _hyperparameters_changed(self) -> None:
         self._scale_cache = None

@@ -7,13 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.checkpoint import symmetric_entry, tensor_entry
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.fast_glm import kron_blocks
 from laplace.parametric.layer_curvature import exact_ggn_closure
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron, KronDecomposed
 
-__all__ = ["KronLaplace"]
+__all__ = ["KronLaplace", "kron_layout"]
 
 
 class KronLaplace(ParametricLaplace):
@@ -70,8 +71,11 @@ class KronLaplace(ParametricLaplace):
         # a per-parameter prior would break the Kronecker structure
         return (1, self.n_layers)
 
+    def _zero_H(self) -> Kron:
+        return Kron.init_from_model(self.params, self._device, self._dtype)
+
     def _init_H(self) -> None:
-        self.H = Kron.init_from_model(self.params, self._device, self._dtype)
+        super()._init_H()
         self.H_facs = None
 
     def _curv_closure(
@@ -82,30 +86,29 @@ class KronLaplace(ParametricLaplace):
             return found
         return self.backend.kron(X, y, N=N)
 
-    def _before_accumulate(self, n_new: int) -> None:
+    def _carried_H(self, n_new: int) -> Kron:
         # Input factors are averages over the data: re-weight the old ones so that
         # old + new equals the factors of a single fit on all data.
         weight = self.n_data / (self.n_data + n_new)
-        self.H = Kron(
+        return Kron(
             [
                 [block[0], block[1] * weight] if len(block) == 2 else list(block)
                 for block in self.H_facs.kfacs
             ]
         )
 
-    def _curvature_tensors(self) -> list[torch.Tensor]:
-        return [F for block in self.H.kfacs for F in block]
+    def _curvature_tensors(self, H: Kron) -> list[torch.Tensor]:
+        return [F for block in H.kfacs for F in block]
 
-    def _set_curvature_tensors(self, tensors: list[torch.Tensor]) -> None:
+    def _rebuild_curvature(self, H: Kron, tensors: list[torch.Tensor]) -> Kron:
         it = iter(tensors)
-        self.H = Kron([[next(it) for _ in block] for block in self.H.kfacs])
+        return Kron([[next(it) for _ in block] for block in H.kfacs])
 
-    def _curvature_is_finite(self) -> bool:
-        return all(bool(torch.isfinite(f).all()) for b in self.H.kfacs for f in b)
+    def _curvature_is_finite(self, H: Kron) -> bool:
+        return all(bool(torch.isfinite(F).all()) for b in H.kfacs for F in b)
 
-    def _after_fit(self) -> None:
-        self.H_facs = self.H
-        self.H = self.H_facs.decompose(damping=self.damping)
+    def _posterior_state(self, H: Kron) -> dict[str, Any]:
+        return {"H_facs": H, "H": H.decompose(damping=self.damping)}
 
     @property
     def _prior_deltas(self) -> torch.Tensor:
@@ -148,10 +151,54 @@ class KronLaplace(ParametricLaplace):
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
         return self.posterior_precision.covariance_root_bmm(eps)
 
-    def _H_state(self) -> Any:
+    def _H_state(self) -> list[list[torch.Tensor]]:
+        # laplace-torch's format: the factors, one list per parameter tensor
         return [list(block) for block in self.H_facs.kfacs]
 
-    def _load_H_state(self, state: Any) -> None:
-        self.H = Kron(
-            [[f.to(self._device, self._dtype) for f in block] for block in state]
-        )
+    def _validated_H(self, value: Any) -> Kron:
+        shapes = kron_layout(self.params)
+        if not isinstance(value, list | tuple) or len(value) != len(shapes):
+            raise ValueError(
+                "State dict entry 'H' must be a list of Kronecker factor lists, one "
+                f"per parameter tensor ({len(shapes)} here); got "
+                f"{_describe(value)}."
+            )
+        blocks = []
+        for i, (block, expected) in enumerate(zip(value, shapes)):
+            if not isinstance(block, list | tuple) or len(block) != len(expected):
+                raise ValueError(
+                    f"State dict entry 'H[{i}]' must be a list of {len(expected)} "
+                    f"factors of shapes {expected}; got {_describe(block)}."
+                )
+            factors = []
+            for j, (F, shape) in enumerate(zip(block, expected)):
+                name = f"H[{i}][{j}]"
+                if isinstance(F, torch.Tensor) and F.ndim == 1:
+                    # a diagonal factor stored as its diagonal
+                    F = torch.diag(tensor_entry(F, name, shape[:1]))
+                F = tensor_entry(F, name, shape, like=self.prior_precision)
+                factors.append(symmetric_entry(F, name))
+            blocks.append(factors)
+        return Kron(blocks)
+
+
+def kron_layout(params: list[torch.Tensor]) -> list[list[tuple[int, int]]]:
+    """Shapes of the Kronecker factors per parameter tensor: ``[(out, out), (in,
+    in)]`` for weights (``in`` the product of the trailing dims), ``[(n, n)]``
+    for vectors (see :class:`~laplace.utils.matrix.Kron`)."""
+    layout = []
+    for p in params:
+        if p.ndim >= 2:
+            out, n_in = p.shape[0], p[0].numel()
+            layout.append([(out, out), (n_in, n_in)])
+        else:
+            layout.append([(p.numel(), p.numel())])
+    return layout
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of length {len(value)}"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from laplace.utils.enums import FeatureReduction
 
-__all__ = ["FeatureExtractor", "FeatureReduction"]
+__all__ = ["FeatureExtractor", "FeatureReduction", "LastLayerRollbackMixin"]
 
 
 class FeatureExtractor(nn.Module):
@@ -98,6 +99,12 @@ class FeatureExtractor(nn.Module):
         self.last_layer_name = last_layer_name
         self.last_layer = modules[last_layer_name]
 
+    def forget_last_layer(self) -> None:
+        """Make the last layer unknown again (undoes :meth:`set_last_layer` and
+        :meth:`find_last_layer`, e.g. when the fit that found it failed)."""
+        self.last_layer = None
+        self.last_layer_name = None
+
     def find_last_layer(self, x: torch.Tensor | MutableMapping) -> torch.Tensor:
         """Run ``model(x)`` and take the last leaf module with parameters that was
         called as the last layer; return the model output."""
@@ -148,3 +155,21 @@ class FeatureExtractor(nn.Module):
         if not self.enable_backprop:
             features = features.detach()
         return out, self._reduce(features)
+
+
+class LastLayerRollbackMixin:
+    """For Laplace classes whose ``model`` is a :class:`FeatureExtractor`: a
+    transaction (``_transaction``, see :class:`~laplace.BaseLaplace`) that fails
+    also forgets a last layer found inside it, so a failed ``fit`` or
+    ``load_state_dict`` leaves the last layer unknown as it was."""
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        unknown = self.model.last_layer is None
+        try:
+            with super()._transaction():
+                yield
+        except BaseException:
+            if unknown:
+                self.model.forget_last_layer()
+            raise
