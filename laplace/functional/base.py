@@ -32,7 +32,7 @@ from laplace.utils.functional_utils import (
     draw_gaussian,
     regression_targets,
 )
-from laplace.utils.utils import normal_samples, trainable_parameters
+from laplace.utils.utils import normal_samples
 
 __all__ = ["BaseFunctionalLaplace"]
 
@@ -109,24 +109,13 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         """The MAP: the treated parameters as a vector ``(n_params,)``."""
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
 
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return trainable_parameters(self.model)
+    def _prior_precision_lengths(self) -> dict[int, str]:
+        return {1: "scalar (isotropic prior)"}
 
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
-        if prior_precision.numel() != 1:
-            raise ValueError(
-                f"{type(self).__name__} supports only a scalar (isotropic) "
-                f"prior_precision; got shape {tuple(prior_precision.shape)}."
-            )
-
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        if self.n_params is None or prior_mean.numel() == 1:
-            return
-        if prior_mean.numel() != self.n_params:
-            raise ValueError(
-                f"prior_mean has {prior_mean.numel()} values; expected a scalar or "
-                f"n_params={self.n_params} values."
-            )
+    def _prior_mean_lengths(self) -> dict[int, str] | None:
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_params: "one per parameter"}
 
     def _hyperparameters_changed(self) -> None:
         self._cache = None

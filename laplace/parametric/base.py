@@ -22,7 +22,7 @@ from laplace.base import BaseLaplace, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.enums import Likelihood
-from laplace.utils.utils import expand_to_parameters, trainable_parameters
+from laplace.utils.utils import expand_to_parameters
 
 __all__ = ["ParametricLaplace"]
 
@@ -56,32 +56,19 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         self.prior_precision = self.prior_precision
         self.prior_mean = self.prior_mean
 
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return trainable_parameters(self.model)
-
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
+    def _prior_precision_lengths(self) -> dict[int, str] | None:
         if self.n_params is None:
-            return
-        allowed = self._allowed_prior_lengths()
-        if len(prior_precision) not in allowed:
-            raise ValueError(
-                f"prior_precision has length {len(prior_precision)}; "
-                f"{type(self).__name__} accepts lengths {sorted(set(allowed))} "
-                f"(scalar, one per layer ({self.n_layers}) or one per parameter "
-                f"({self.n_params}))."
-            )
+            return None
+        return {
+            1: "scalar",
+            self.n_layers: "one per layer",
+            self.n_params: "one per parameter",
+        }
 
-    def _allowed_prior_lengths(self) -> tuple[int, ...]:
-        return (1, self.n_layers, self.n_params)
-
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        if self.n_params is None or prior_mean.ndim == 0:
-            return
-        if len(prior_mean) not in (1, self.n_params):
-            raise ValueError(
-                f"prior_mean has length {len(prior_mean)}; expected a scalar or "
-                f"n_params={self.n_params} values."
-            )
+    def _prior_mean_lengths(self) -> dict[int, str] | None:
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_params: "one per parameter"}
 
     @property
     def prior_precision_diag(self) -> torch.Tensor:
