@@ -19,6 +19,7 @@ from laplace.utils.hyperparameters import (
     check_sigma_noise,
     check_temperature,
 )
+from laplace.utils.targets import check_targets
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
 __all__ = ["BaseLaplace", "NotFittedError"]
@@ -285,10 +286,20 @@ class BaseLaplace:
     ) -> Iterator[tuple[torch.Tensor | MutableMapping, torch.Tensor]]:
         """Yield ``(X, y)`` of every batch, on the model's device."""
         for batch in iterate_batches(loader):
-            X, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            X, y = split_batch(batch, self.dict_key_y)
             yield to_device(X, self._device), y.to(self._device)
 
     _dataset_size = staticmethod(dataset_size)
+
+    def _check_targets(
+        self, y: torch.Tensor, n_outputs: int | None = None
+    ) -> torch.Tensor:
+        """Check training or validation targets (see
+        :func:`~laplace.utils.targets.check_targets`); ``n_outputs`` defaults to
+        the model's, learned on the first batch of ``fit``."""
+        return check_targets(
+            y, self.likelihood, self.n_outputs if n_outputs is None else n_outputs
+        )
 
     def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
         if (

@@ -27,11 +27,7 @@ from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
 from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure
-from laplace.utils.functional_utils import (
-    classification_targets,
-    draw_gaussian,
-    regression_targets,
-)
+from laplace.utils.functional_utils import draw_gaussian
 from laplace.utils.utils import normal_samples
 
 __all__ = ["BaseFunctionalLaplace"]
@@ -143,11 +139,6 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         if self.likelihood is Likelihood.REGRESSION:
             return None
         return vmap(exact_sqrt_fn(self.likelihood))(f.detach())
-
-    def _check_targets(self, y: torch.Tensor, n_outputs: int) -> torch.Tensor:
-        if self.likelihood is Likelihood.REGRESSION:
-            return regression_targets(y, n_outputs)
-        return classification_targets(y, n_outputs)
 
     def _batch_loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed training loss of a batch (backend convention), ``()``."""
@@ -300,7 +291,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
             for X, y in self._batches(loader):
                 f_mu, f_var = self.predictive_moments(X)
                 if self.likelihood is Likelihood.REGRESSION:
-                    y = regression_targets(y.to(self._dtype), f_mu.shape[-1])
+                    y = self._check_targets(y, f_mu.shape[-1]).to(self._dtype)
                     var = f_var.diagonal(dim1=-2, dim2=-1) + self.sigma_noise.square()
                     dist = torch.distributions.Normal(f_mu, var.sqrt())
                     total -= float(dist.log_prob(y).sum())

@@ -183,29 +183,6 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             self.n_outputs = 1 if rewards else int(self._model_outputs(X).shape[-1])
         return X, self._check_targets(y)
 
-    def _check_targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            if y.is_floating_point() or y.ndim != 1:
-                raise ValueError(
-                    "Classification targets must be a 1-d integer tensor of class "
-                    f"indices; got dtype {y.dtype} and shape {tuple(y.shape)}."
-                )
-            if len(y) and (y.min() < 0 or y.max() >= self.n_outputs):
-                raise ValueError(
-                    f"Classification targets must lie in [0, {self.n_outputs}); got "
-                    f"values in [{int(y.min())}, {int(y.max())}]."
-                )
-            return y
-        if self.likelihood is Likelihood.REGRESSION:
-            if y.ndim == 1 and self.n_outputs == 1:
-                return y.unsqueeze(-1)
-            if y.ndim != 2 or y.shape[-1] != self.n_outputs:
-                raise ValueError(
-                    f"Regression targets must have shape (batch, {self.n_outputs}) "
-                    f"to match the model output; got {tuple(y.shape)}."
-                )
-        return y
-
     def _check_finite_fit(self) -> None:
         if not torch.isfinite(torch.as_tensor(self.loss)).all():
             raise ValueError(
