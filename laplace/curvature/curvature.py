@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import MutableMapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +27,10 @@ from torch.func import vmap
 
 from laplace.curvature._diag_ggn import diag_ggn
 from laplace.curvature._functional import (
+    batch_size,
     per_sample_gradients,
     per_sample_jacobians,
+    selected_jacobians,
 )
 from laplace.curvature._loss_sqrt import exact_sqrt_fn, sampled_sqrt
 from laplace.utils.enums import Likelihood
@@ -158,6 +161,70 @@ class CurvatureInterface:
                 Js, _ = per_sample_jacobians(layer, params, phi)
         return Js, f
 
+    def functorch_jacobians(
+        self, x: Input, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample Jacobians from ``torch.func`` (whatever the backend), in
+        laplace-torch's layout.
+
+        Returns
+        -------
+        Js : Tensor
+            `(batch, P, n_outputs)` (``P = K`` for a subnetwork).
+        f : Tensor
+            Outputs `(batch, n_outputs)`.
+        """
+        Js, f = CurvatureInterface.jacobians(self, x, enable_backprop)
+        return Js.transpose(1, 2), f
+
+    def selected_output_jacobians(
+        self, x: Input, outputs: Tensor, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians of chosen outputs only, one backward pass per chosen output.
+
+        Parameters
+        ----------
+        x : Tensor or dict-like
+        outputs : LongTensor
+            Output indices per sample, `(batch,)` (one each) or
+            `(batch, selected)`.
+        enable_backprop : bool, default=False
+
+        Returns
+        -------
+        Js : Tensor
+            `(batch, selected, P)`; ``Js[b, s]`` is the gradient of
+            ``f[b, outputs[b, s]]``.
+        f : Tensor
+            All outputs `(batch, n_outputs)`.
+        """
+        n = batch_size(x, self.dict_key_x)
+        if not isinstance(outputs, Tensor) or outputs.is_floating_point():
+            raise ValueError(
+                "outputs must be an integer tensor of output indices of shape "
+                f"(batch,) or (batch, selected); got {outputs!r}."
+            )
+        index = outputs.reshape(-1, 1) if outputs.ndim == 1 else outputs
+        if index.ndim != 2 or len(index) != n:
+            raise ValueError(
+                f"outputs must have shape ({n},) or ({n}, selected); got "
+                f"{tuple(outputs.shape)}."
+            )
+        index = index.long().to(self.params[0].device)
+        try:
+            with torch.set_grad_enabled(enable_backprop):
+                Js, f = selected_jacobians(
+                    self._module, self.params_dict, x, index, self.dict_key_x
+                )
+        except (IndexError, RuntimeError) as err:
+            if "index" not in str(err).lower():
+                raise
+            raise ValueError(
+                "outputs holds an index outside the model's outputs; got values in "
+                f"[{int(index.min())}, {int(index.max())}]."
+            ) from err
+        return self._restrict(Js), f
+
     def gradients(self, x: Input, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of ``factor * loss_n``.
 
@@ -201,6 +268,20 @@ class CurvatureInterface:
         )
 
     # -- helpers ---------------------------------------------------------------
+    def _call_options(
+        self, method: str, kwargs: dict[str, Any], defaults: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Per-call keywords of ``method`` over the constructor's ``defaults``;
+        an unknown keyword is a ``TypeError``, never dropped silently."""
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            accepted = sorted(defaults) or "none"
+            raise TypeError(
+                f"{type(self).__name__}.{method}() got unexpected keyword "
+                f"argument(s) {unknown}; it accepts {accepted}."
+            )
+        return {**defaults, **kwargs}
+
     def _targets(self, y: Tensor) -> Tensor:
         # Regression targets `(batch,)` mean one output; MSELoss would broadcast
         # them against `(batch, 1)` outputs to `(batch, batch)`.
@@ -276,14 +357,37 @@ class GGNInterface(CurvatureInterface):
             **kwargs,
         )
 
-    def _sampled_sqrt(self, f: Tensor) -> Tensor:
-        return sampled_sqrt(f, self.likelihood, self.num_samples, self.generator)
+    def _sampled_sqrt(self, f: Tensor, num_samples: int | None = None) -> Tensor:
+        num_samples = self.num_samples if num_samples is None else num_samples
+        return sampled_sqrt(f, self.likelihood, num_samples, self.generator)
+
+    def _sampling_options(self, method: str, kwargs: dict[str, Any]) -> dict:
+        """``mc_samples`` per call (Monte-Carlo labels when ``stochastic``)."""
+        defaults = {"mc_samples": self.num_samples, **self._extra_options(method)}
+        options = self._call_options(method, kwargs, defaults)
+        if "mc_samples" in kwargs:
+            mc = kwargs["mc_samples"]
+            if isinstance(mc, bool) or not isinstance(mc, int) or mc < 1:
+                raise ValueError(f"mc_samples must be a positive int; got {mc!r}.")
+            if not self.stochastic:
+                raise ValueError(
+                    f"mc_samples={mc} only applies to a stochastic (Monte-Carlo) "
+                    f"{type(self).__name__}; construct it with stochastic=True."
+                )
+        return options
+
+    def _extra_options(self, method: str) -> dict[str, Any]:
+        """Further per-call keywords of ``method`` in subclasses, with their
+        defaults."""
+        return {}
 
     def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and GGN `(P, P)` from per-sample Jacobians."""
+        """Loss `()` and GGN `(P, P)` from per-sample Jacobians; ``mc_samples``
+        may be given per call."""
+        options = self._sampling_options("full", kwargs)
         Js, f = self.jacobians(x)
         if self.stochastic:
-            L = self._sampled_sqrt(f)
+            L = self._sampled_sqrt(f, options["mc_samples"])
         elif self.likelihood is Likelihood.REGRESSION:
             L = None  # Lambda = I
         else:
@@ -293,12 +397,14 @@ class GGNInterface(CurvatureInterface):
         return self._loss(f, y), M.T @ M
 
     def diag(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and GGN diagonal `(P,)` without materialising Jacobians."""
+        """Loss `()` and GGN diagonal `(P,)` without materialising Jacobians;
+        ``mc_samples`` may be given per call."""
+        options = self._sampling_options("diag", kwargs)
         module = self._module
         with torch.no_grad():
             if self.stochastic:
                 # Labels are drawn from the outputs, so they need a forward first.
-                root = {"sqrt": self._sampled_sqrt(module(x))}
+                root = {"sqrt": self._sampled_sqrt(module(x), options["mc_samples"])}
             else:
                 root = {"sqrt_fn": exact_sqrt_fn(self.likelihood)}
             dg, f = diag_ggn(
@@ -318,11 +424,13 @@ class EFInterface(CurvatureInterface):
 
     def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         """Loss `()` and empirical Fisher `(P, P)`."""
+        self._call_options("full", kwargs, {})
         Gs, loss = self.gradients(x, y)
         return loss, Gs.T @ Gs
 
     def diag(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         """Loss `()` and empirical Fisher diagonal `(P,)`."""
+        self._call_options("diag", kwargs, {})
         Gs, loss = self.gradients(x, y)
         return loss, Gs.square().sum(0)
 
