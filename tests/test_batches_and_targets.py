@@ -86,8 +86,8 @@ def test_missing_dict_key_y_in_fit(key):
 def test_gridsearch_scores_dict_batches_with_dict_key_y(key, likelihood):
     """Dict batches with a custom target key give exactly the grid search of the
     same data as tuple batches."""
-    X, y = data(likelihood)
-    Xv, yv = data(likelihood, n=12, seed=3)
+    X, y = data(likelihood, n=12)
+    Xv, yv = data(likelihood, n=6, seed=3)
     grid = dict(method="gridsearch", grid_size=3, log_prior_prec_min=-1)
     la_dict = build(DictModel(3), likelihood, key, dict_key_y="target")
     la_dict.fit(DataLoader(DictData(X, y), batch_size=8))
