@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, jacrev, vmap
 
+from laplace.utils.data import batch_size
+
 __all__ = [
     "batch_size",
     "flatten",
@@ -35,18 +37,6 @@ Params = dict[str, Tensor]
 # A model input for one sample (or its batched payload for vmap).
 Payload = Tensor | dict[str, Tensor]
 SampleFn = Callable[[Params, Payload], Tensor]
-
-
-def batch_size(x: Tensor | MutableMapping, dict_key_x: str = "input_ids") -> int:
-    """Number of data points in ``x``: ``len(x)`` or ``len(x[dict_key_x])``."""
-    if isinstance(x, MutableMapping):
-        if dict_key_x not in x:
-            raise ValueError(
-                f"Dict-like input has no key dict_key_x={dict_key_x!r}; its keys are "
-                f"{list(x.keys())}."
-            )
-        return len(x[dict_key_x])
-    return len(x)
 
 
 def flatten(tree: Params, n_lead: int) -> Tensor:
