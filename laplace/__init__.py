@@ -11,6 +11,10 @@ Drop-in compatible with the public API of laplace-torch 0.3::
     probs = la(x_test, pred_type="glm", link_approx="probit")
 """
 
+# laplace-torch's module paths, also as attributes of the package
+from laplace import baselaplace as baselaplace
+from laplace import laplace as laplace
+from laplace import lllaplace as lllaplace
 from laplace.base import BaseLaplace, NotFittedError
 from laplace.factory import Laplace
 from laplace.functional import (

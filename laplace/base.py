@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from laplace.hyperparameters import HyperparametersMixin
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
-from laplace.utils.utils import _is_valid_scalar
+from laplace.utils.targets import check_targets
+from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
 __all__ = ["BaseLaplace", "NotFittedError", "atomic"]
 
@@ -50,15 +52,7 @@ def atomic(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
-def _positive_scalar(value: Any, name: str) -> None:
-    if not _is_valid_scalar(value):
-        raise ValueError(f"{name} must be a scalar; got {value!r}.")
-    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be positive and finite; got {v}.")
-
-
-class BaseLaplace:
+class BaseLaplace(HyperparametersMixin):
     """Shared state of every Laplace approximation: the model, the likelihood and
     its hyperparameters (prior precision and mean, observation noise, temperature),
     the lazily built curvature backend and data handling.
@@ -104,16 +98,13 @@ class BaseLaplace:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
-        if self.likelihood is not Likelihood.REGRESSION:
-            if not _is_valid_scalar(sigma_noise) or float(sigma_noise) != 1.0:
-                raise ValueError(
-                    f"sigma_noise={sigma_noise!r} is only meaningful for regression; "
-                    f"it must be 1 for likelihood={self.likelihood.value!r}."
-                )
         for name, value in (("backend_kwargs", backend_kwargs),):
             if value is not None and not isinstance(value, dict):
                 raise TypeError(f"{name} must be a dict or None; got {type(value)}.")
         self.model = model
+        # laplace-torch's flag: only the parameters with requires_grad=True are
+        # treated (some of the model's are frozen)
+        self.is_subset_params = any(not p.requires_grad for p in model.parameters())
         self.enable_backprop = bool(enable_backprop)
         self.dict_key_x = dict_key_x
         self.dict_key_y = dict_key_y
@@ -192,77 +183,6 @@ class BaseLaplace:
         return torch.as_tensor(value, device=self._device, dtype=self._dtype)
 
     @property
-    def temperature(self) -> float:
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        _positive_scalar(value, "temperature")
-        self._temperature = float(value)
-        self._hyperparameters_changed()
-
-    @property
-    def sigma_noise(self) -> torch.Tensor:
-        """Observation noise standard deviation, a 0-dim tensor."""
-        return self._sigma_noise
-
-    @sigma_noise.setter
-    def sigma_noise(self, value: float | torch.Tensor) -> None:
-        _positive_scalar(value, "sigma_noise")
-        if self.likelihood is not Likelihood.REGRESSION and float(value) != 1.0:
-            raise ValueError(
-                f"sigma_noise must be 1 for likelihood={self.likelihood.value!r}; "
-                f"got {float(value)}."
-            )
-        self._sigma_noise = self._as_tensor(value).reshape(())
-        self._hyperparameters_changed()
-
-    @property
-    def prior_precision(self) -> torch.Tensor:
-        """Prior precision: ``(1,)`` scalar, ``(n_layers,)`` or ``(n_params,)``."""
-        return self._prior_precision
-
-    @prior_precision.setter
-    def prior_precision(self, value: float | torch.Tensor) -> None:
-        tensor = self._as_tensor(value).reshape(-1)
-        if tensor.numel() == 0:
-            raise ValueError("prior_precision must not be empty.")
-        checked = tensor.detach()
-        if not (torch.isfinite(checked).all() and (checked > 0).all()):
-            raise ValueError(
-                "prior_precision must be positive and finite; got "
-                f"{checked.tolist() if checked.numel() < 10 else checked}."
-            )
-        self._check_prior_precision_shape(tensor)
-        self._prior_precision = tensor
-        self._hyperparameters_changed()
-
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
-        """Subclasses check the length against the number of layers/parameters."""
-
-    @property
-    def prior_mean(self) -> torch.Tensor:
-        return self._prior_mean
-
-    @prior_mean.setter
-    def prior_mean(self, value: float | torch.Tensor) -> None:
-        tensor = self._as_tensor(value)
-        if tensor.ndim > 1 or not torch.isfinite(tensor.detach()).all():
-            raise ValueError(
-                "prior_mean must be a finite scalar or a vector of length n_params; "
-                f"got shape {tuple(tensor.shape)}."
-            )
-        self._check_prior_mean_shape(tensor)
-        self._prior_mean = tensor
-        self._hyperparameters_changed()
-
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        """Subclasses check the length against the number of parameters."""
-
-    def _hyperparameters_changed(self) -> None:
-        """Hook for subclasses that cache quantities depending on hyperparameters."""
-
-    @property
     def _H_factor(self) -> torch.Tensor:
         """Scale of the log-likelihood curvature, ``1 / (sigma^2 * temperature)``."""
         return 1.0 / (self.sigma_noise.square() * self.temperature)
@@ -291,10 +211,20 @@ class BaseLaplace:
     ) -> Iterator[tuple[torch.Tensor | MutableMapping, torch.Tensor]]:
         """Yield ``(X, y)`` of every batch, on the model's device."""
         for batch in iterate_batches(loader):
-            X, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            X, y = split_batch(batch, self.dict_key_y)
             yield to_device(X, self._device), y.to(self._device)
 
     _dataset_size = staticmethod(dataset_size)
+
+    def _check_targets(
+        self, y: torch.Tensor, n_outputs: int | None = None
+    ) -> torch.Tensor:
+        """Check training or validation targets (see
+        :func:`~laplace.utils.targets.check_targets`); ``n_outputs`` defaults to
+        the model's, learned on the first batch of ``fit``."""
+        return check_targets(
+            y, self.likelihood, self.n_outputs if n_outputs is None else n_outputs
+        )
 
     def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
         if (
@@ -322,6 +252,58 @@ class BaseLaplace:
         return self.n_data > 0
 
     # ---- public API shared by all approximations -------------------------------
+    # Implemented by the subclasses; here so that code written against
+    # laplace-torch's BaseLaplace (type hints, subclasses) finds every method.
+    def fit(self, train_loader: Iterable, *args: Any, **kwargs: Any) -> None:
+        """Fit the approximation on ``train_loader``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement fit.")
+
+    def __call__(self, x: torch.Tensor | MutableMapping, *args: Any, **kwargs: Any):
+        """Predictive distribution at ``x``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement a predictive (__call__)."
+        )
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: torch.Tensor | None = None,
+        sigma_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Laplace approximation of the log marginal likelihood, ``()``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement log_marginal_likelihood."
+        )
+
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Samples of the weights, ``(n_samples, n_params)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no distribution over the weights to sample "
+            "from; use functional_samples or predictive_samples."
+        )
+
+    def functional_samples(
+        self, x: torch.Tensor | MutableMapping, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Samples of the network outputs at ``x``, ``(n_samples, batch, O)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement functional_samples."
+        )
+
+    def _treated_parameters(self) -> list[nn.Parameter]:
+        """The parameters the approximation is over (trainable ones by default)."""
+        return trainable_parameters(self.model)
+
+    @property
+    def prior_precision_diag(self) -> torch.Tensor:
+        """The prior precision expanded to one value per treated parameter,
+        ``(n_params,)``."""
+        params = getattr(self, "params", None)
+        if params is None:
+            params = self._treated_parameters()
+        return expand_to_parameters(self.prior_precision, [p.numel() for p in params])
+
     def optimize_prior_precision(
         self,
         pred_type: PredType | str = PredType.GLM,

@@ -1,7 +1,7 @@
 """laplace-torch import path ``laplace.baselaplace`` (re-exports)."""
 
 from laplace.base import BaseLaplace
-from laplace.functional import BaseFunctionalLaplace, FunctionalLaplace
+from laplace.functional import ELLA, BaseFunctionalLaplace, FunctionalLaplace, VaLLA
 from laplace.lowrank import LowRankLaplace
 from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
 
@@ -14,4 +14,6 @@ __all__ = [
     "LowRankLaplace",
     "BaseFunctionalLaplace",
     "FunctionalLaplace",
+    "ELLA",
+    "VaLLA",
 ]

@@ -54,7 +54,7 @@ class Shard:
                 return
             n = batch_size(X, dict_key_x)
             if n > left:
-                X, y = select_rows(X, slice(0, left), dict_key_x), y[:left]
+                X, y = select_rows(X, slice(0, left), n), y[:left]
                 n = left
             left -= n
             yield X, y

@@ -41,8 +41,9 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
     Parameters
     ----------
     feature_reduction : FeatureReduction or str, optional
-        Reduce ``(batch, seq, dim)`` features to ``(batch, dim)``:
-        'pick_first', 'pick_last' or 'average'.
+        Reduce features ``(batch, *middle, dim)`` (e.g. ``(batch, seq, dim)``) to
+        ``(batch, dim)``: 'pick_first' / 'pick_last' (index 0 / -1 of every
+        middle dim) or 'average' (mean over them); see :class:`FeatureExtractor`.
     last_layer_name : str, optional
     """
 
@@ -310,7 +311,11 @@ class FullLLLaplace(LLLaplace, FullLaplace):
 
 
 class KronLLLaplace(LLLaplace, KronLaplace):
-    """Last-layer Laplace with a Kronecker-factored posterior precision."""
+    """Last-layer Laplace with a Kronecker-factored posterior precision.
+
+    Parameters as :class:`LLLaplace`, plus ``damping`` (after
+    ``last_layer_name``), as in :class:`~laplace.KronLaplace`.
+    """
 
     _key = ("last_layer", "kron")
 
@@ -321,13 +326,38 @@ class KronLLLaplace(LLLaplace, KronLaplace):
         self,
         model: nn.Module,
         likelihood: Likelihood | str,
-        *args,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        feature_reduction: FeatureReduction | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        last_layer_name: str | None = None,
         damping: bool = False,
-        **kwargs,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self.damping = damping
-        self.H_facs = None
-        LLLaplace.__init__(self, model, likelihood, *args, **kwargs)
+        # LLLaplace passes damping on to KronLaplace (next in the MRO)
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            feature_reduction=feature_reduction,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            last_layer_name=last_layer_name,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+            damping=damping,
+        )
 
 
 class DiagLLLaplace(LLLaplace, DiagLaplace):

@@ -137,7 +137,7 @@ class LowRankLaplace(ParametricLaplace):
     ) -> tuple[torch.Tensor, Any]:
         backend = self.backend
         y = backend._targets(y)
-        op, scale = backend._operator(X, y)
+        op, scale = backend._operator(X, y, backend._options("full", {}))
         return backend._forward_loss(X, y), [(op, scale)]
 
     def _curvature_is_finite(self, H: Any) -> bool:

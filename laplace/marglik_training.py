@@ -247,7 +247,7 @@ def _train_epoch(
     device = params[0].device
     total = torch.zeros((), device=device)
     for batch in loader:
-        X, y = split_batch(batch, dict_key_x, dict_key_y)
+        X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, device), y.to(device)
         optimizer.zero_grad()
         f = model(X)

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from laplace.utils.data import split_batch
 from laplace.utils.enums import Likelihood, PriorStructure, TuningMethod
 from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
+from laplace.utils.targets import check_targets
 from laplace.utils.utils import fix_prior_prec_structure
 from laplace.utils.validation import validate
 
@@ -60,6 +62,7 @@ def optimize_prior_precision(
     else:
         if val_loader is None:
             raise ValueError("method='gridsearch' needs a val_loader.")
+        _check_validation_targets(la, val_loader)
         if loss is None:
             loss = (
                 RunningNLLMetric()
@@ -210,6 +213,22 @@ def _spectral_gradient(
     return gradient, lowest
 
 
+def _check_validation_targets(la: Any, val_loader: Iterable) -> None:
+    """Check every batch's targets exactly as ``fit`` checks training targets
+    (class labels in range, regression shapes), before any grid point is
+    scored."""
+    n_batches = 0
+    for batch in val_loader:
+        _, y = split_batch(batch, la.dict_key_y)
+        try:
+            check_targets(y, la.likelihood, la.n_outputs)
+        except ValueError as err:
+            raise ValueError(f"val_loader batch {n_batches}: {err}") from err
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("val_loader yielded no batches.")
+
+
 def _gridsearch(
     la: Any,
     init: torch.Tensor,
@@ -231,7 +250,15 @@ def _gridsearch(
     for prior_prec in candidates:
         la.prior_precision = torch.full_like(init, float(prior_prec))
         try:
-            result = validate(la, val_loader, loss, pred_type, link_approx, n_samples)
+            result = validate(
+                la,
+                val_loader,
+                loss,
+                pred_type,
+                link_approx,
+                n_samples,
+                dict_key_y=la.dict_key_y,
+            )
         except (RuntimeError, ValueError) as err:
             # a grid point at which the posterior is not positive definite
             if "positive definite" not in str(err):

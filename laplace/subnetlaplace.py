@@ -152,19 +152,12 @@ class SubnetLaplace(ParametricLaplace):
             "subnetwork_indices": self.subnetwork_indices,
         }
 
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
-        self._check_subnet_length(prior_precision, "prior_precision")
+    def _prior_precision_lengths(self) -> dict[int, str] | None:
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_params_subnet: "one per subnetwork parameter"}
 
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        if prior_mean.ndim == 1:
-            self._check_subnet_length(prior_mean, "prior_mean")
-
-    def _check_subnet_length(self, value: torch.Tensor, name: str) -> None:
-        if self.n_params is not None and len(value) not in (1, self.n_params_subnet):
-            raise ValueError(
-                f"{name} has length {len(value)}; subnetwork Laplace accepts a scalar "
-                f"or one value per subnetwork parameter ({self.n_params_subnet})."
-            )
+    _prior_mean_lengths = _prior_precision_lengths
 
     @property
     def prior_precision_diag(self) -> torch.Tensor:

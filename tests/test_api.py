@@ -97,7 +97,9 @@ def test_bad_constructor_arguments(kwargs, match):
 def test_kron_rejects_per_parameter_prior():
     model = net()
     n = sum(p.numel() for p in model.parameters())
-    with pytest.raises(ValueError, match="accepts lengths"):
+    with pytest.raises(
+        ValueError, match="KronLaplace accepts length 1 \\(scalar\\) or 4"
+    ):
         KronLaplace(model, "classification", prior_precision=torch.ones(n))
 
 

@@ -26,7 +26,7 @@ from laplace.functional.alpha_energy import (
 )
 from laplace.functional.inducing import kmeans
 from laplace.functional.sparse_gp import pack_lower
-from laplace.utils.functional_utils import balanced_indices, training_indices
+from laplace.utils.subsets import balanced_indices, random_subset_indices
 
 RTOL = 1e-6
 
@@ -101,7 +101,9 @@ def test_ella_truncated_matches_dense_nystrom(likelihood, n_out):
         seed=11,
     )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True))
-    Js = dense_jacobians(model, X[training_indices(30, m, 11)]).reshape(m * n_out, -1)
+    Js = dense_jacobians(model, X[random_subset_indices(30, m, 11)]).reshape(
+        m * n_out, -1
+    )
     evals, evecs = torch.linalg.eigh(Js @ Js.T)
     V = Js.T @ (evecs[:, -k:] / evals[-k:].sqrt())
     V_la = la.dual_directions
@@ -338,7 +340,9 @@ def test_valla_classification_fits_and_is_reproducible():
     assert len(runs[0].fit_history_["val_nll"]) == 3  # steps 5, 10 and the last
     assert runs[0].fit_history_ == runs[1].fit_history_
     torch.testing.assert_close(runs[0].L, runs[1].L, rtol=0, atol=0)
-    torch.testing.assert_close(runs[0]._inducing_inputs, X[training_indices(24, 4, 3)])
+    torch.testing.assert_close(
+        runs[0]._inducing_inputs, X[random_subset_indices(24, 4, 3)]
+    )
     assert float(runs[0].sigma_noise) == 1.0
     probs = runs[0](X[:5])
     torch.testing.assert_close(probs.sum(-1), torch.ones(5), rtol=1e-12, atol=1e-12)

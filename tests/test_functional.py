@@ -1,6 +1,6 @@
 """Subset-of-data GP Laplace (FunctionalLaplace, FunctionalLLLaplace) against dense
-weight-space ground truth built with torch.func in float64, checkpoints, misuse,
-and the laplace.utils.functional_utils helpers."""
+weight-space ground truth built with torch.func in float64, checkpoints and
+misuse (the laplace.utils.functional_utils helpers: test_functional_utils.py)."""
 
 import io
 import math
@@ -20,7 +20,7 @@ from laplace.functional import (
     FunctionalLLLaplace,
     VaLLA,
 )
-from laplace.utils import functional_utils as fu
+from laplace.utils.subsets import random_subset_indices
 
 RTOL = 1e-6
 
@@ -182,7 +182,7 @@ def test_subset_of_data_is_full_laplace_on_the_subset():
     X, y = data("regression", 1)
     la = FunctionalLaplace(model, "regression", n_subset=9, seed=4, prior_precision=0.5)
     la.fit(DataLoader(TensorDataset(X, y), batch_size=5, shuffle=True))
-    idx = fu.training_indices(20, 9, 4)
+    idx = random_subset_indices(20, 9, 4)
     full = FullLaplace(model, "regression", prior_precision=0.5)
     full.fit(DataLoader(TensorDataset(X[idx], y[idx]), batch_size=4))
     assert la.n_data == 9
@@ -431,104 +431,3 @@ def test_fit_keeps_user_gradients_and_model():
     for p, g, b in zip(model.parameters(), grads, before):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
         torch.testing.assert_close(p, b, rtol=0, atol=0)
-
-
-# ---- functional_utils -------------------------------------------------------------------
-
-
-def test_preserve_model_gradients_restores_grads_and_flags():
-    class Owner:
-        def __init__(self):
-            self.model = tiny_net(1)
-
-        @fu.preserve_model_gradients
-        def clobber(self):
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            self.model(torch.randn(3, 2)).sum().backward()
-            return 7
-
-    owner = Owner()
-    first = next(owner.model.parameters())
-    first.requires_grad_(False)
-    last = list(owner.model.parameters())[-1]
-    last.grad = torch.full_like(last, 2.0)
-    assert owner.clobber() == 7
-    assert first.grad is None and not first.requires_grad
-    torch.testing.assert_close(last.grad, torch.full_like(last, 2.0), rtol=0, atol=0)
-
-
-def test_same_configuration():
-    a = {"x": torch.tensor([1.0, 2.0]), "k": "v", "n": [1, (2, 3)]}
-    assert fu.same_configuration(
-        a, {"x": torch.tensor([1.0, 2.0]), "k": "v", "n": [1, (2, 3)]}
-    )
-    assert not fu.same_configuration(a, {**a, "x": torch.tensor([1.0, 2.5])})
-    assert not fu.same_configuration(a, {**a, "x": torch.tensor([[1.0, 2.0]])})
-    assert not fu.same_configuration(a, {**a, "k": "w"})
-    assert not fu.same_configuration(a, {k: v for k, v in a.items() if k != "n"})
-    assert not fu.same_configuration(torch.tensor(1.0), 1.0)
-
-
-def test_draw_gaussian_handles_rank_deficient_covariance():
-    B = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    cov = B @ B.T  # rank 2: Cholesky fails
-    mean = torch.arange(4.0)
-    s = fu.draw_gaussian(mean, cov, 100000, torch.Generator().manual_seed(1))
-    assert s.shape == (100000, 4)
-    scale = cov.diagonal().max().item()
-    torch.testing.assert_close(s.mean(0), mean, rtol=0, atol=5 * math.sqrt(scale / 1e5))
-    torch.testing.assert_close(
-        torch.cov(s.T), cov, rtol=0, atol=5 * scale * math.sqrt(2 / 1e5)
-    )
-    # draws lie in the range of cov
-    null = torch.linalg.eigh(cov)[1][:, :2]
-    assert ((s - mean) @ null).abs().max() < 1e-10
-    with pytest.raises(ValueError, match="cov"):
-        fu.draw_gaussian(mean, cov[:3], 2)
-
-
-def test_targets_and_indices_helpers():
-    assert fu.regression_targets(torch.randn(5), 1).shape == (5, 1)
-    with pytest.raises(ValueError, match="Regression targets"):
-        fu.regression_targets(torch.randn(5, 2), 3)
-    with pytest.raises(ValueError, match="Regression targets"):
-        fu.regression_targets(torch.ones(5, 1, dtype=torch.long), 1)
-    fu.classification_targets(torch.tensor([0, 2]), 3)
-    with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        fu.classification_targets(torch.tensor([0, 3]), 3)
-    with pytest.raises(ValueError, match="1-d integer"):
-        fu.classification_targets(torch.zeros(2), 3)
-    idx = fu.training_indices(50, 20, seed=3)
-    assert len(idx.unique()) == 20 and idx.min() >= 0 and idx.max() < 50
-    torch.testing.assert_close(idx, fu.training_indices(50, 20, seed=3))
-    assert not torch.equal(idx, fu.training_indices(50, 20, seed=4))
-    with pytest.raises(ValueError, match="exceeds"):
-        fu.training_indices(5, 6)
-    sampler = fu.SoDSampler(50, 20, seed=3)
-    assert len(sampler) == 20 and list(sampler) == idx.tolist() == list(sampler)
-    targets = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
-    chosen = fu.balanced_indices(targets, 9, seed=0)
-    assert len(chosen.unique()) == 9
-    assert torch.bincount(targets[chosen], minlength=3).tolist() == [3, 3, 3]
-
-
-def test_rows_and_subset_loader():
-    X = torch.arange(12.0).reshape(6, 2)
-    y = torch.arange(6)
-    loader = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True)
-    sub = fu.subset_loader(loader, torch.tensor([5, 0, 3]))
-    batches = list(sub)
-    assert [len(b[1]) for b in batches] == [3]
-    assert batches[0][1].tolist() == [5, 0, 3]
-    d = {"input_ids": X, "mask": X > 3, "name": "q"}
-    rows = fu.select_rows(d, torch.tensor([1, 2]))
-    assert rows["name"] == "q" and torch.equal(rows["input_ids"], X[1:3])
-    cat = fu.concatenate_rows(
-        [fu.select_rows(d, slice(0, 2)), fu.select_rows(d, slice(2, 6))]
-    )
-    assert torch.equal(cat["input_ids"], X) and torch.equal(cat["mask"], X > 3)
-    assert torch.equal(fu.concatenate_rows([X[:2], X[2:]]), X)
-    assert torch.equal(fu.select_rows(X, torch.tensor([4])), X[4:5])
-    with pytest.raises(ValueError, match="at least one"):
-        fu.concatenate_rows([])

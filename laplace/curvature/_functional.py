@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, jacrev, vmap
 
+from laplace.utils.data import batch_size
+
 __all__ = [
     "batch_size",
     "flatten",
@@ -28,24 +30,13 @@ __all__ = [
     "per_sample_gradients",
     "per_sample_jacobians",
     "per_sample_model",
+    "selected_jacobians",
 ]
 
 Params = dict[str, Tensor]
 # A model input for one sample (or its batched payload for vmap).
 Payload = Tensor | dict[str, Tensor]
 SampleFn = Callable[[Params, Payload], Tensor]
-
-
-def batch_size(x: Tensor | MutableMapping, dict_key_x: str = "input_ids") -> int:
-    """Number of data points in ``x``: ``len(x)`` or ``len(x[dict_key_x])``."""
-    if isinstance(x, MutableMapping):
-        if dict_key_x not in x:
-            raise ValueError(
-                f"Dict-like input has no key dict_key_x={dict_key_x!r}; its keys are "
-                f"{list(x.keys())}."
-            )
-        return len(x[dict_key_x])
-    return len(x)
 
 
 def flatten(tree: Params, n_lead: int) -> Tensor:
@@ -162,6 +153,40 @@ def per_sample_jacobians(
         return flatten(jac, n_lead=1), out
 
     return map_samples(jac_n, (None, in_dims), params, payload)
+
+
+def selected_jacobians(
+    module: nn.Module,
+    params: Params,
+    x: Tensor | MutableMapping,
+    index: Tensor,
+    dict_key_x: str = "input_ids",
+) -> tuple[Tensor, Tensor]:
+    """Jacobians of the outputs ``index[n]`` of each sample w.r.t. ``params``.
+
+    Parameters
+    ----------
+    index : LongTensor
+        `(batch, selected)` output indices per sample.
+
+    Returns
+    -------
+    Js : Tensor
+        `(batch, selected, P)`, columns in ``params`` order.
+    f : Tensor
+        All outputs `(batch, n_outputs)`.
+    """
+    f1, payload, in_dims = per_sample_model(module, x, dict_key_x)
+
+    def jac_n(p: Params, x_n: Payload, i_n: Tensor) -> tuple[Tensor, Tensor]:
+        def picked(q: Params) -> tuple[Tensor, Tensor]:
+            out = f1(q, x_n)
+            return out[i_n], out
+
+        jac, out = jacrev(picked, has_aux=True)(p)
+        return flatten(jac, n_lead=1), out
+
+    return map_samples(jac_n, (None, in_dims, 0), params, payload, index)
 
 
 def per_sample_gradients(

@@ -103,6 +103,15 @@ class AsdlInterface(CurvatureInterface):
             **kwargs,
         )
 
+    @property
+    def loss_type(self) -> str:
+        """ASDL's name of the loss: ``'mse'`` (regression) or ``'cross_entropy'``
+        (classification, reward modelling)."""
+        asdl = _asdl()
+        if self.likelihood is Likelihood.REGRESSION:
+            return asdl.LOSS_MSE
+        return asdl.LOSS_CROSS_ENTROPY
+
     # -- hooks for subclasses ------------------------------------------------------
     def _fisher_type(self) -> tuple[str, int, float]:
         """ASDL fisher type, number of MC samples and the scale of its result."""
@@ -155,11 +164,10 @@ class AsdlInterface(CurvatureInterface):
         asdl = _asdl()
         owners = self._owners()
         fisher_type, n_samples, _ = self._fisher_type()
-        regression = self.likelihood is Likelihood.REGRESSION
         config = asdl.FisherConfig(
             fisher_type=fisher_type,
             fisher_shapes=[shape],
-            loss_type=asdl.LOSS_MSE if regression else asdl.LOSS_CROSS_ENTROPY,
+            loss_type=self.loss_type,
             n_mc_samples=n_samples,
             data_size=1,
         )

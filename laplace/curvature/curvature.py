@@ -1,4 +1,6 @@
-"""Curvature interfaces: the loss convention and generic ``torch.func`` backends.
+"""The curvature interface: the loss convention, parameters, Jacobians and
+gradients (the generic ``torch.func`` GGN and EF backends are in
+:mod:`laplace.curvature.generic`).
 
 Every backend returns curvature of the *summed* loss of a batch w.r.t. the
 trainable parameters (``requires_grad=True``, in ``parameters()`` order,
@@ -19,21 +21,35 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import MutableMapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from laplace.curvature._diag_ggn import diag_ggn
 from laplace.curvature._functional import (
+    batch_size,
     per_sample_gradients,
     per_sample_jacobians,
+    selected_jacobians,
 )
-from laplace.curvature._loss_sqrt import exact_sqrt_fn, sampled_sqrt
 from laplace.utils.enums import Likelihood
 from laplace.utils.matrix import Kron
 
-__all__ = ["CurvatureInterface", "EFInterface", "GGNInterface"]
+# GGNInterface and EFInterface live in laplace.curvature.generic; this module
+# keeps laplace-torch's import path for them (resolved on first access, so that
+# the two modules can import each other in either order).
+_GENERIC = ("GGNInterface", "EFInterface")
+
+__all__ = ["CurvatureInterface", *_GENERIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GENERIC:
+        from laplace.curvature import generic
+
+        return getattr(generic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Input = Tensor | MutableMapping
 
@@ -158,6 +174,70 @@ class CurvatureInterface:
                 Js, _ = per_sample_jacobians(layer, params, phi)
         return Js, f
 
+    def functorch_jacobians(
+        self, x: Input, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample Jacobians from ``torch.func`` (whatever the backend), in
+        laplace-torch's layout.
+
+        Returns
+        -------
+        Js : Tensor
+            `(batch, P, n_outputs)` (``P = K`` for a subnetwork).
+        f : Tensor
+            Outputs `(batch, n_outputs)`.
+        """
+        Js, f = CurvatureInterface.jacobians(self, x, enable_backprop)
+        return Js.transpose(1, 2), f
+
+    def selected_output_jacobians(
+        self, x: Input, outputs: Tensor, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians of chosen outputs only, one backward pass per chosen output.
+
+        Parameters
+        ----------
+        x : Tensor or dict-like
+        outputs : LongTensor
+            Output indices per sample, `(batch,)` (one each) or
+            `(batch, selected)`.
+        enable_backprop : bool, default=False
+
+        Returns
+        -------
+        Js : Tensor
+            `(batch, selected, P)`; ``Js[b, s]`` is the gradient of
+            ``f[b, outputs[b, s]]``.
+        f : Tensor
+            All outputs `(batch, n_outputs)`.
+        """
+        n = batch_size(x, self.dict_key_x)
+        if not isinstance(outputs, Tensor) or outputs.is_floating_point():
+            raise ValueError(
+                "outputs must be an integer tensor of output indices of shape "
+                f"(batch,) or (batch, selected); got {outputs!r}."
+            )
+        index = outputs.reshape(-1, 1) if outputs.ndim == 1 else outputs
+        if index.ndim != 2 or len(index) != n:
+            raise ValueError(
+                f"outputs must have shape ({n},) or ({n}, selected); got "
+                f"{tuple(outputs.shape)}."
+            )
+        index = index.long().to(self.params[0].device)
+        try:
+            with torch.set_grad_enabled(enable_backprop):
+                Js, f = selected_jacobians(
+                    self._module, self.params_dict, x, index, self.dict_key_x
+                )
+        except (IndexError, RuntimeError) as err:
+            if "index" not in str(err).lower():
+                raise
+            raise ValueError(
+                "outputs holds an index outside the model's outputs; got values in "
+                f"[{int(index.min())}, {int(index.max())}]."
+            ) from err
+        return self._restrict(Js), f
+
     def gradients(self, x: Input, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample gradients of ``factor * loss_n``.
 
@@ -201,6 +281,20 @@ class CurvatureInterface:
         )
 
     # -- helpers ---------------------------------------------------------------
+    def _call_options(
+        self, method: str, kwargs: dict[str, Any], defaults: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Per-call keywords of ``method`` over the constructor's ``defaults``;
+        an unknown keyword is a ``TypeError``, never dropped silently."""
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            accepted = sorted(defaults) or "none"
+            raise TypeError(
+                f"{type(self).__name__}.{method}() got unexpected keyword "
+                f"argument(s) {unknown}; it accepts {accepted}."
+            )
+        return {**defaults, **kwargs}
+
     def _targets(self, y: Tensor) -> Tensor:
         # Regression targets `(batch,)` mean one output; MSELoss would broadcast
         # them against `(batch, 1)` outputs to `(batch, batch)`.
@@ -230,107 +324,6 @@ class CurvatureInterface:
                 "Kronecker-factored curvature is not defined for a subnetwork "
                 "(subnetwork_indices is set); use hessian_structure 'full' or 'diag'."
             )
-
-
-class GGNInterface(CurvatureInterface):
-    """Generalised Gauss-Newton ``sum_n J_n^T Lambda_n J_n`` via ``torch.func``.
-
-    Parameters
-    ----------
-    stochastic : bool, default=False
-        Monte-Carlo Fisher: replace ``Lambda_n`` by outer products of loss
-        gradients at ``num_samples`` labels drawn from the model.
-    num_samples : int, default=1
-        Labels drawn per data point when ``stochastic``.
-    generator : torch.Generator, optional
-        Source of randomness for the labels (global RNG when ``None``).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        last_layer: bool = False,
-        subnetwork_indices: torch.LongTensor | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        stochastic: bool = False,
-        num_samples: int = 1,
-        generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(
-                f"num_samples must be a positive int, got {num_samples!r}."
-            )
-        self.stochastic = stochastic
-        self.num_samples = num_samples
-        self.generator = generator
-        super().__init__(
-            model,
-            likelihood,
-            last_layer,
-            subnetwork_indices,
-            dict_key_x,
-            dict_key_y,
-            **kwargs,
-        )
-
-    def _sampled_sqrt(self, f: Tensor) -> Tensor:
-        return sampled_sqrt(f, self.likelihood, self.num_samples, self.generator)
-
-    def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and GGN `(P, P)` from per-sample Jacobians."""
-        Js, f = self.jacobians(x)
-        if self.stochastic:
-            L = self._sampled_sqrt(f)
-        elif self.likelihood is Likelihood.REGRESSION:
-            L = None  # Lambda = I
-        else:
-            L = vmap(exact_sqrt_fn(self.likelihood))(f)
-        M = Js if L is None else torch.einsum("boc,bop->bcp", L, Js)
-        M = M.reshape(-1, M.shape[-1])
-        return self._loss(f, y), M.T @ M
-
-    def diag(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and GGN diagonal `(P,)` without materialising Jacobians."""
-        module = self._module
-        with torch.no_grad():
-            if self.stochastic:
-                # Labels are drawn from the outputs, so they need a forward first.
-                root = {"sqrt": self._sampled_sqrt(module(x))}
-            else:
-                root = {"sqrt_fn": exact_sqrt_fn(self.likelihood)}
-            dg, f = diag_ggn(
-                module, self.params_dict, x, dict_key_x=self.dict_key_x, **root
-            )
-        return self._loss(f, y), self._restrict(dg)
-
-    def kron(self, x: Input, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
-        raise NotImplementedError(
-            f"{type(self).__name__} does not compute Kronecker-factored (KFAC) GGNs; "
-            "use backend=CurvlinopsGGN."
-        )
-
-
-class EFInterface(CurvatureInterface):
-    """Empirical Fisher ``sum_n g_n g_n^T`` from per-sample gradients."""
-
-    def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and empirical Fisher `(P, P)`."""
-        Gs, loss = self.gradients(x, y)
-        return loss, Gs.T @ Gs
-
-    def diag(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and empirical Fisher diagonal `(P,)`."""
-        Gs, loss = self.gradients(x, y)
-        return loss, Gs.square().sum(0)
-
-    def kron(self, x: Input, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
-        raise NotImplementedError(
-            f"{type(self).__name__} does not compute Kronecker-factored (KFAC) "
-            "empirical Fishers; use backend=CurvlinopsEF."
-        )
 
 
 def _check_indices(indices: Tensor | None) -> Tensor | None:

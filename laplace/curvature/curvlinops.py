@@ -13,6 +13,7 @@ sampled Fisher scale with ``factor``, gradient outer products with
 from __future__ import annotations
 
 from numbers import Integral
+from typing import Any
 
 import torch
 from curvlinops import (
@@ -74,12 +75,7 @@ class CurvlinopsInterface(CurvatureInterface):
         kfac_approx: str = "expand",
         **kwargs,
     ) -> None:
-        allowed = [t.value for t in KFACType]
-        if kfac_approx not in allowed:
-            raise ValueError(
-                f"Invalid kfac_approx={kfac_approx!r}; allowed values are {allowed}."
-            )
-        self.kfac_approx = kfac_approx
+        self.kfac_approx = _check_kfac_approx(kfac_approx)
         super().__init__(
             model,
             likelihood,
@@ -91,13 +87,25 @@ class CurvlinopsInterface(CurvatureInterface):
         )
 
     # -- hooks for subclasses ------------------------------------------------------
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
-        """The dense-curvature operator on ``[(x, y)]`` and its scale."""
+    def _operator(
+        self, x: Input, y: Tensor, options: dict[str, Any]
+    ) -> tuple[Operator, float]:
+        """The dense-curvature operator on ``[(x, y)]`` and its scale;
+        ``options`` are the per-call keywords merged over the constructor's."""
         raise NotImplementedError(_ABSTRACT)
 
-    def _kfac_type(self) -> tuple[dict, float]:
+    def _kfac_type(self, options: dict[str, Any]) -> tuple[dict, float]:
         """KFAC keyword arguments (fisher type, samples, seed) and G's scale."""
         raise NotImplementedError(_ABSTRACT)
+
+    def _options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Per-call keywords of ``full`` (none here) and ``kron``
+        (``kfac_approx``) over the constructor's; unknown ones: ``TypeError``."""
+        defaults = {"kfac_approx": self.kfac_approx} if method == "kron" else {}
+        options = self._call_options(method, kwargs, defaults)
+        if "kfac_approx" in options:
+            _check_kfac_approx(options["kfac_approx"])
+        return options
 
     # -- shared plumbing -----------------------------------------------------------
     def _operator_kwargs(self, x: Input) -> dict:
@@ -131,9 +139,12 @@ class CurvlinopsInterface(CurvatureInterface):
             return self._loss(self._module(x), y)
 
     def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Loss `()` and dense curvature `(P, P)` from the operator."""
+        """Loss `()` and dense curvature `(P, P)` from the operator; per-call
+        keywords (``mc_samples`` of a stochastic CurvlinopsGGN) override the
+        constructor's."""
+        options = self._options("full", kwargs)
         y = self._targets(y)
-        op, scale = self._operator(x, y)
+        op, scale = self._operator(x, y, options)
         with torch.enable_grad():
             H = self._dense(op)
         return self._forward_loss(x, y), scale * H
@@ -145,21 +156,26 @@ class CurvlinopsInterface(CurvatureInterface):
         the data set size ``N`` and ``G`` the gradient covariance summed over the
         batch; per bias ``[scale * G]``.  Summing the factors of all batches of a
         data set therefore gives the data set's KFAC.
+
+        Per-call keywords override the constructor's: ``kfac_approx``
+        ('expand' or 'reduce') and, for a stochastic CurvlinopsGGN,
+        ``mc_samples``; others raise ``TypeError``.
         """
+        options = self._options("kron", kwargs)
         self._no_subnetwork_kron()
         if isinstance(N, bool) or not isinstance(N, Integral) or N < 1:
             raise ValueError(f"N (data set size) must be a positive int, got {N!r}.")
         y = self._targets(y)
         module, params = self._module, self.params
         _check_kfac_layers(module)
-        kfac_kwargs, scale = self._kfac_type()
+        kfac_kwargs, scale = self._kfac_type(options)
         op = KFACLinearOperator(
             module,
             self.lossfunc,
             params,
             [(x, y)],
             check_deterministic=False,
-            kfac_approx=self.kfac_approx,
+            kfac_approx=options["kfac_approx"],
             num_per_example_loss_terms=1,
             separate_weight_and_bias=True,
             num_data=int(N),
@@ -218,24 +234,36 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
         device = gen.device if gen is not None else "cpu"
         return int(torch.randint(2**31 - 1, (1,), generator=gen, device=device))
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
+    def _options(self, method: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # mc_samples per call as well (checked by GGNInterface)
+        options = self._sampling_options(method, kwargs)
+        if "kfac_approx" in options:
+            _check_kfac_approx(options["kfac_approx"])
+        return options
+
+    def _extra_options(self, method: str) -> dict[str, Any]:
+        return {"kfac_approx": self.kfac_approx} if method == "kron" else {}
+
+    def _operator(
+        self, x: Input, y: Tensor, options: dict[str, Any]
+    ) -> tuple[Operator, float]:
         args = (self._module, self.lossfunc, self.params, [(x, y)])
         if self.stochastic:
             op = FisherMCLinearOperator(
                 *args,
                 seed=self._seed(),
-                mc_samples=self.num_samples,
+                mc_samples=options["mc_samples"],
                 **self._operator_kwargs(x),
             )
         else:
             op = GGNLinearOperator(*args, **self._operator_kwargs(x))
         return op, self.factor
 
-    def _kfac_type(self) -> tuple[dict, float]:
+    def _kfac_type(self, options: dict[str, Any]) -> tuple[dict, float]:
         if self.stochastic:
             kwargs = {
                 "fisher_type": FisherType.MC,
-                "mc_samples": self.num_samples,
+                "mc_samples": options["mc_samples"],
                 "seed": self._seed(),
             }
         else:
@@ -246,7 +274,9 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
 class CurvlinopsEF(CurvlinopsInterface, EFInterface):
     """Empirical Fisher via curvlinops (``EFLinearOperator``, empirical KFAC)."""
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
+    def _operator(
+        self, x: Input, y: Tensor, options: dict[str, Any]
+    ) -> tuple[Operator, float]:
         op = EFLinearOperator(
             self._module,
             self.lossfunc,
@@ -256,14 +286,16 @@ class CurvlinopsEF(CurvlinopsInterface, EFInterface):
         )
         return op, self.factor**2
 
-    def _kfac_type(self) -> tuple[dict, float]:
+    def _kfac_type(self, options: dict[str, Any]) -> tuple[dict, float]:
         return {"fisher_type": FisherType.EMPIRICAL}, self.factor**2
 
 
 class CurvlinopsHessian(CurvlinopsInterface):
     """Exact Hessian of the loss via curvlinops' ``HessianLinearOperator``."""
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
+    def _operator(
+        self, x: Input, y: Tensor, options: dict[str, Any]
+    ) -> tuple[Operator, float]:
         op = HessianLinearOperator(
             self._module,
             self.lossfunc,
@@ -284,6 +316,15 @@ class CurvlinopsHessian(CurvlinopsInterface):
             "CurvlinopsHessian does not compute diagonal curvature; use CurvlinopsGGN "
             "or CurvlinopsEF for hessian_structure='diag'."
         )
+
+
+def _check_kfac_approx(kfac_approx: Any) -> str:
+    allowed = [t.value for t in KFACType]
+    if kfac_approx not in allowed:
+        raise ValueError(
+            f"Invalid kfac_approx={kfac_approx!r}; allowed values are {allowed}."
+        )
+    return kfac_approx
 
 
 def _check_kfac_layers(module: nn.Module) -> None:

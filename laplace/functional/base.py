@@ -27,12 +27,8 @@ from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
 from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure
-from laplace.utils.functional_utils import (
-    classification_targets,
-    draw_gaussian,
-    regression_targets,
-)
-from laplace.utils.utils import normal_samples, trainable_parameters
+from laplace.utils.functional_utils import draw_gaussian
+from laplace.utils.utils import normal_samples
 
 __all__ = ["BaseFunctionalLaplace"]
 
@@ -112,24 +108,13 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         """The MAP: the treated parameters as a new vector ``(n_params,)``."""
         return parameters_to_vector(self.params).detach().to(self._dtype)
 
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return trainable_parameters(self.model)
+    def _prior_precision_lengths(self) -> dict[int, str]:
+        return {1: "scalar (isotropic prior)"}
 
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
-        if prior_precision.numel() != 1:
-            raise ValueError(
-                f"{type(self).__name__} supports only a scalar (isotropic) "
-                f"prior_precision; got shape {tuple(prior_precision.shape)}."
-            )
-
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        if self.n_params is None or prior_mean.numel() == 1:
-            return
-        if prior_mean.numel() != self.n_params:
-            raise ValueError(
-                f"prior_mean has {prior_mean.numel()} values; expected a scalar or "
-                f"n_params={self.n_params} values."
-            )
+    def _prior_mean_lengths(self) -> dict[int, str] | None:
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_params: "one per parameter"}
 
     def _hyperparameters_changed(self) -> None:
         self._cache = None
@@ -157,11 +142,6 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         if self.likelihood is Likelihood.REGRESSION:
             return None
         return vmap(exact_sqrt_fn(self.likelihood))(f.detach())
-
-    def _check_targets(self, y: torch.Tensor, n_outputs: int) -> torch.Tensor:
-        if self.likelihood is Likelihood.REGRESSION:
-            return regression_targets(y, n_outputs)
-        return classification_targets(y, n_outputs)
 
     def _batch_loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed training loss of a batch (backend convention), ``()``."""
@@ -314,7 +294,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
             for X, y in self._batches(loader):
                 f_mu, f_var = self.predictive_moments(X)
                 if self.likelihood is Likelihood.REGRESSION:
-                    y = regression_targets(y.to(self._dtype), f_mu.shape[-1])
+                    y = self._check_targets(y, f_mu.shape[-1]).to(self._dtype)
                     var = f_var.diagonal(dim1=-2, dim2=-1) + self.sigma_noise.square()
                     dist = torch.distributions.Normal(f_mu, var.sqrt())
                     total -= float(dist.log_prob(y).sum())

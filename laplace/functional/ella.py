@@ -36,13 +36,9 @@ from laplace.functional.base import (
 )
 from laplace.utils.data import dataset_size
 from laplace.utils.enums import Likelihood, PredType
-from laplace.utils.functional_utils import (
-    balanced_indices,
-    preserve_model_gradients,
-    subset_loader,
-    training_indices,
-)
+from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
 from laplace.utils.linalg import symeig
+from laplace.utils.subsets import balanced_indices, random_subset_indices
 
 __all__ = ["ELLA"]
 
@@ -170,7 +166,7 @@ class ELLA(BaseFunctionalLaplace):
         self, loader: Iterable, n_total: int, balanced: bool
     ) -> torch.Tensor:
         if not balanced:
-            return training_indices(n_total, self.subsample_size, self.seed)
+            return random_subset_indices(n_total, self.subsample_size, self.seed)
         if self.likelihood is Likelihood.REGRESSION:
             raise ValueError("balanced=True needs a classification likelihood.")
         ordered = subset_loader(loader, range(n_total))

@@ -9,11 +9,8 @@ from typing import Any
 import torch
 
 from laplace.utils.data import batch_size, dataset_size
-from laplace.utils.functional_utils import (
-    concatenate_rows,
-    subset_loader,
-    training_indices,
-)
+from laplace.utils.functional_utils import concatenate_rows, subset_loader
+from laplace.utils.subsets import random_subset_indices
 
 __all__ = [
     "check_inducing_classes",
@@ -99,7 +96,7 @@ def resolve_inducing_locations(
         return locations
     n_total = dataset_size(loader)
     if locations == "random":
-        indices = training_indices(n_total, num_inducing, seed)
+        indices = random_subset_indices(n_total, num_inducing, seed)
         return concatenate_rows(X for X, _ in batches(subset_loader(loader, indices)))
     inputs = concatenate_rows(
         X for X, _ in batches(subset_loader(loader, range(n_total)))
@@ -123,7 +120,7 @@ def kmeans(
 ) -> torch.Tensor:
     """Lloyd's k-means of ``points`` ``(N, D)`` from ``k`` random distinct points
     (drawn with ``seed``); returns the centres ``(k, D)``."""
-    start = training_indices(len(points), k, seed).to(points.device)
+    start = random_subset_indices(len(points), k, seed).to(points.device)
     centres = points[start].clone()
     assignment = None
     for _ in range(n_iter):

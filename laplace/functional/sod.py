@@ -41,9 +41,9 @@ from laplace.utils.functional_utils import (
     preserve_model_gradients,
     select_rows,
     subset_loader,
-    training_indices,
 )
 from laplace.utils.linalg import symeig
+from laplace.utils.subsets import random_subset_indices
 
 __all__ = ["FunctionalLaplace", "FunctionalLLLaplace"]
 
@@ -140,7 +140,7 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         changes the object."""
         n_total = dataset_size(train_loader)
         self._before_fit(train_loader)
-        indices = training_indices(n_total, self.n_subset, self.seed)
+        indices = random_subset_indices(n_total, self.n_subset, self.seed)
         batches = self._batches(subset_loader(train_loader, indices))
         if progress_bar:
             from tqdm.auto import tqdm
@@ -285,7 +285,7 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         jacobians, outputs = [], []
         with eval_mode(self.model), model_inputs_entry("subset_inputs"):
             for start in range(0, n, _CHUNK):
-                rows = select_rows(X, slice(start, start + _CHUNK), self.dict_key_x)
+                rows = select_rows(X, slice(start, start + _CHUNK), n)
                 Js, f = self._jacobians(rows, enable_backprop=False)
                 jacobians.append(Js)
                 outputs.append(f)

@@ -242,9 +242,7 @@ class VaLLA(BaseFunctionalLaplace):
         n = batch_size(Z, self.dict_key_x)
         J = torch.cat(
             [
-                self._jacobians(select_rows(Z, slice(s, s + _CHUNK), self.dict_key_x))[
-                    0
-                ]
+                self._jacobians(select_rows(Z, slice(s, s + _CHUNK), n))[0]
                 for s in range(0, n, _CHUNK)
             ]
         )

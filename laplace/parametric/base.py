@@ -24,7 +24,7 @@ from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.checkpoint import ParametricCheckpointMixin
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.enums import Likelihood
-from laplace.utils.utils import expand_to_parameters, trainable_parameters
+from laplace.utils.utils import expand_to_parameters
 
 __all__ = ["ParametricLaplace"]
 
@@ -41,9 +41,36 @@ class ParametricLaplace(
 
     _key: tuple[str, str] | None = None
 
-    def __init__(self, model: nn.Module, likelihood: Likelihood | str, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.n_params: int | None = None
-        super().__init__(model, likelihood, **kwargs)
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
         self._init_params()
 
     # ---- parameters ----------------------------------------------------------------
@@ -64,32 +91,19 @@ class ParametricLaplace(
         self.mean = self.prior_mean
         self.H = None
 
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return trainable_parameters(self.model)
-
-    def _check_prior_precision_shape(self, prior_precision: torch.Tensor) -> None:
+    def _prior_precision_lengths(self) -> dict[int, str] | None:
         if self.n_params is None:
-            return
-        allowed = self._allowed_prior_lengths()
-        if len(prior_precision) not in allowed:
-            raise ValueError(
-                f"prior_precision has length {len(prior_precision)}; "
-                f"{type(self).__name__} accepts lengths {sorted(set(allowed))} "
-                f"(scalar, one per layer ({self.n_layers}) or one per parameter "
-                f"({self.n_params}))."
-            )
+            return None
+        return {
+            1: "scalar",
+            self.n_layers: "one per layer",
+            self.n_params: "one per parameter",
+        }
 
-    def _allowed_prior_lengths(self) -> tuple[int, ...]:
-        return (1, self.n_layers, self.n_params)
-
-    def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        if self.n_params is None or prior_mean.ndim == 0:
-            return
-        if len(prior_mean) not in (1, self.n_params):
-            raise ValueError(
-                f"prior_mean has length {len(prior_mean)}; expected a scalar or "
-                f"n_params={self.n_params} values."
-            )
+    def _prior_mean_lengths(self) -> dict[int, str] | None:
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_params: "one per parameter"}
 
     @property
     def prior_precision_diag(self) -> torch.Tensor:
@@ -248,29 +262,6 @@ class ParametricLaplace(
             rewards = self.likelihood is Likelihood.REWARD_MODELING
             self.n_outputs = 1 if rewards else int(self._model_outputs(X).shape[-1])
         return X, self._check_targets(y)
-
-    def _check_targets(self, y: torch.Tensor) -> torch.Tensor:
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            if y.is_floating_point() or y.ndim != 1:
-                raise ValueError(
-                    "Classification targets must be a 1-d integer tensor of class "
-                    f"indices; got dtype {y.dtype} and shape {tuple(y.shape)}."
-                )
-            if len(y) and (y.min() < 0 or y.max() >= self.n_outputs):
-                raise ValueError(
-                    f"Classification targets must lie in [0, {self.n_outputs}); got "
-                    f"values in [{int(y.min())}, {int(y.max())}]."
-                )
-            return y
-        if self.likelihood is Likelihood.REGRESSION:
-            if y.ndim == 1 and self.n_outputs == 1:
-                return y.unsqueeze(-1)
-            if y.ndim != 2 or y.shape[-1] != self.n_outputs:
-                raise ValueError(
-                    f"Regression targets must have shape (batch, {self.n_outputs}) "
-                    f"to match the model output; got {tuple(y.shape)}."
-                )
-        return y
 
     def _check_finite_fit(self, loss: Any, H: Any) -> None:
         if not torch.isfinite(torch.as_tensor(loss)).all():

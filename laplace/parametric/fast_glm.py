@@ -139,13 +139,13 @@ def row_chunks(x: Tensor | MutableMapping, rows: int, dict_key_x: str):
         yield x
         return
     for start in range(0, n, rows):
-        yield select_rows(x, slice(start, start + rows), dict_key_x)
+        yield select_rows(x, slice(start, start + rows), n)
 
 
 def _probe_sizes(plan, model, x, dict_key_x) -> tuple[int, int]:
     """Per sample and output: elements of all layer outputs, and of the largest
     multi-position layer Jacobian (0 if none)."""
-    first = select_rows(x, slice(0, 1), dict_key_x)
+    first = select_rows(x, slice(0, 1), batch_size(x, dict_key_x))
     if forward_with_factors(model, plan, first, 1, keep_graph=False) is None:
         return -1, -1
     outputs = sum(layer.s.numel() for layer in plan)

@@ -67,9 +67,11 @@ class KronLaplace(ParametricLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
 
-    def _allowed_prior_lengths(self) -> tuple[int, ...]:
+    def _prior_precision_lengths(self) -> dict[int, str] | None:
         # a per-parameter prior would break the Kronecker structure
-        return (1, self.n_layers)
+        if self.n_params is None:
+            return None
+        return {1: "scalar", self.n_layers: "one per layer"}
 
     def _zero_H(self) -> Kron:
         return Kron.init_from_model(self.params, self._device, self._dtype)

@@ -12,9 +12,9 @@ from laplace.utils.enums import (
     SubsetOfWeights,
     TuningMethod,
 )
+from laplace.utils.errors import UnknownKeyError
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.functional_utils import (
-    SoDSampler,
     classification_targets,
     concatenate_rows,
     draw_gaussian,
@@ -45,6 +45,7 @@ from laplace.utils.subnetmask import (
     ScoreBasedSubnetMask,
     SubnetMask,
 )
+from laplace.utils.subsets import SoDSampler
 from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.utils import (
     _is_batchnorm,
@@ -58,6 +59,7 @@ from laplace.utils.utils import (
 from laplace.utils.validation import validate
 
 __all__ = [
+    "UnknownKeyError",
     "preserve_model_gradients",
     "same_configuration",
     "draw_gaussian",

@@ -16,15 +16,21 @@ Blocks = list[list[Tensor]]
 
 
 def _validate_blocks(
-    blocks: Sequence[Sequence[Tensor]], name: str, cls: str, ndim: int = 2
+    blocks: Sequence[Sequence[Tensor]],
+    name: str,
+    cls: str,
+    ndims: tuple[int, ...] = (2,),
 ) -> Blocks:
+    """Check 1 or 2 factors per block, each with ``ndim`` in ``ndims`` (2: a
+    square matrix; 1: a vector, for a Kron factor the diagonal matrix)."""
     blocks = [list(block) for block in blocks]
     if len(blocks) == 0:
         raise ValueError(f"{cls}: `{name}` is empty; need at least one block.")
-    kind = "a square matrix" if ndim == 2 else "a vector"
+    kinds = {2: "a square matrix", 1: "a vector"}
+    kind = " or ".join(kinds[n] for n in ndims)
     for b, block in enumerate(blocks):
         valid = len(block) in (1, 2) and all(
-            isinstance(F, Tensor) and F.ndim == ndim and F.shape[0] == F.shape[-1]
+            isinstance(F, Tensor) and F.ndim in ndims and F.shape[0] == F.shape[-1]
             for F in block
         )
         if not valid:
@@ -75,12 +81,25 @@ def _check_scalar(scalar: float | Tensor, like: Tensor, cls: str) -> float | Ten
 
 
 def _rmatmul(X: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """Rows `(N, p)` times the block ``kron(*factors)`` -> `(N, p)`."""
+    """Rows `(N, p)` times the block ``kron(*factors)`` -> `(N, p)`; a 1-d factor
+    ``d`` is ``diag(d)``."""
     if len(factors) == 1:
-        return X @ factors[0]
+        F = factors[0]
+        return X * F if F.ndim == 1 else X @ F
     F1, F2 = factors
-    Y = F1.mT @ X.reshape(-1, F1.shape[0], F2.shape[0]) @ F2
+    Y = X.reshape(-1, F1.shape[0], F2.shape[0])
+    Y = F1.unsqueeze(-1) * Y if F1.ndim == 1 else F1.mT @ Y
+    Y = Y * F2 if F2.ndim == 1 else Y @ F2
     return Y.reshape(X.shape)
+
+
+def _dense(F: Tensor) -> Tensor:
+    """A factor as a matrix: a 1-d factor ``d`` is ``diag(d)``."""
+    return torch.diag(F) if F.ndim == 1 else F
+
+
+def _diagonal(F: Tensor) -> Tensor:
+    return F if F.ndim == 1 else F.diagonal()
 
 
 def _as_rows(W: Tensor, n_params: int, fn: str) -> Tensor:
@@ -93,13 +112,18 @@ def _as_rows(W: Tensor, n_params: int, fn: str) -> Tensor:
 
 
 def _grouped_symeig(blocks: Blocks) -> tuple[Blocks, Blocks]:
-    """Eigendecompose all factors, batching factors of equal size."""
+    """Eigendecompose all factors, batching matrices of equal size; a 1-d factor
+    ``d`` (``diag(d)``) has eigenvalues ``d`` and the identity as eigenvectors."""
     groups: dict[int, list[tuple[int, int]]] = {}
-    for b, block in enumerate(blocks):
-        for f, F in enumerate(block):
-            groups.setdefault(F.shape[0], []).append((b, f))
     eigvals: Blocks = [[None] * len(block) for block in blocks]
     eigvecs: Blocks = [[None] * len(block) for block in blocks]
+    for b, block in enumerate(blocks):
+        for f, F in enumerate(block):
+            if F.ndim == 1:
+                eye = torch.eye(len(F), device=F.device, dtype=F.dtype)
+                eigvals[b][f], eigvecs[b][f] = F, eye
+            else:
+                groups.setdefault(F.shape[0], []).append((b, f))
     for index in groups.values():
         L, Q = symeig(torch.stack([blocks[b][f] for b, f in index]))
         for i, (b, f) in enumerate(index):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -14,20 +14,29 @@ from torch.utils.data import (
     default_collate,
 )
 
+from laplace.utils.errors import UnknownKeyError
+
 Batch = tuple[Any, torch.Tensor] | MutableMapping
 
 
 def split_batch(
-    batch: Any, dict_key_x: str = "input_ids", dict_key_y: str = "labels"
+    batch: Any, dict_key_y: str = "labels"
 ) -> tuple[torch.Tensor | MutableMapping, torch.Tensor]:
-    """Return ``(X, y)`` of a batch that is either ``(X, y)`` or dict-like.
+    """Return ``(inputs, targets)`` of a batch that is either ``(X, y)`` or
+    dict-like.
 
-    Dict-like batches are passed whole to the model (as Hugging Face models expect)
-    and the targets are ``batch[dict_key_y]``.
+    Dict-like batches are passed whole to the model as inputs (as Hugging Face
+    models expect) and the targets are ``batch[dict_key_y]``.
+
+    Raises
+    ------
+    UnknownKeyError
+        A dict-like batch without ``dict_key_y`` (a ``KeyError`` and a
+        ``ValueError``).
     """
-    if isinstance(batch, MutableMapping):
+    if isinstance(batch, Mapping):
         if dict_key_y not in batch:
-            raise ValueError(
+            raise UnknownKeyError(
                 f"Dict-like batch has no target key dict_key_y={dict_key_y!r}; "
                 f"its keys are {list(batch.keys())}."
             )
@@ -36,34 +45,41 @@ def split_batch(
         return batch[0], batch[1]
     raise ValueError(
         "Each batch must be a tuple (X, y) or a dict-like object holding "
-        f"dict_key_x and dict_key_y; got {type(batch).__name__}."
+        f"the inputs and dict_key_y={dict_key_y!r}; got {type(batch).__name__}."
     )
 
 
-def batch_size(X: torch.Tensor | MutableMapping, dict_key_x: str = "input_ids") -> int:
-    """Number of data points in ``X`` (a tensor or a dict-like batch)."""
-    if isinstance(X, MutableMapping):
-        if dict_key_x not in X:
-            raise ValueError(
+def batch_size(inputs: torch.Tensor | Mapping, dict_key_x: str = "input_ids") -> int:
+    """Number of data points in ``inputs`` (a tensor, or a dict-like batch whose
+    ``dict_key_x`` entry holds one row per data point)."""
+    if isinstance(inputs, Mapping):
+        if dict_key_x not in inputs:
+            raise UnknownKeyError(
                 f"Dict-like batch has no input key dict_key_x={dict_key_x!r}; "
-                f"its keys are {list(X.keys())}."
+                f"its keys are {list(inputs.keys())}."
             )
-        return len(X[dict_key_x])
-    return len(X)
+        return len(inputs[dict_key_x])
+    return len(inputs)
 
 
-def to_device(X: Any, device: torch.device) -> Any:
-    """Move a tensor, or every tensor of a dict-like batch, to ``device``."""
-    if isinstance(X, torch.Tensor):
-        return X.to(device)
-    if isinstance(X, MutableMapping):
-        return type(X)(
-            {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v
-                for k, v in X.items()
-            }
-        )
-    return X
+def to_device(
+    value: Any, device: torch.device | str | None, dtype: torch.dtype | None = None
+) -> Any:
+    """Move every tensor in ``value`` (a tensor, or mappings, lists and tuples of
+    them, nested) to ``device``; with ``dtype``, floating-point tensors are also
+    cast to it (integer tensors such as token ids or labels keep theirs). Other
+    entries are kept as they are."""
+    if isinstance(value, torch.Tensor):
+        if dtype is not None and value.is_floating_point():
+            return value.to(device=device, dtype=dtype)
+        return value.to(device=device)
+    if isinstance(value, Mapping):
+        return type(value)({k: to_device(v, device, dtype) for k, v in value.items()})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(to_device(v, device, dtype) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(to_device(v, device, dtype) for v in value)
+    return value
 
 
 def dataset_size(loader: Iterable) -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from laplace.utils.enums import FeatureReduction
+from laplace.utils.errors import UnknownKeyError
 
 __all__ = ["FeatureExtractor", "FeatureReduction", "LastLayerRollbackMixin"]
 
@@ -29,7 +30,9 @@ class FeatureExtractor(nn.Module):
     enable_backprop : bool, default=False
         Keep the features in the autograd graph (e.g. for gradients w.r.t. inputs).
     feature_reduction : FeatureReduction or str, optional
-        How to reduce features of shape ``(batch, seq, dim)`` to ``(batch, dim)``.
+        How to reduce features of shape ``(batch, *middle, dim)`` (e.g. ``(batch,
+        seq, dim)``) to ``(batch, dim)``: 'pick_first' (index 0 of every middle
+        dim), 'pick_last' (index -1 of each) or 'average' (mean over all).
     """
 
     def __init__(
@@ -80,19 +83,24 @@ class FeatureExtractor(nn.Module):
         return out, self._reduce(features)
 
     def _reduce(self, features: torch.Tensor) -> torch.Tensor:
+        """Features ``(B, *middle, D)`` -> ``(B, D)`` over all middle dims:
+        'pick_first' takes index 0 of each, 'pick_last' index -1 of each,
+        'average' the mean over all of them."""
         if features.ndim <= 2 or self.feature_reduction is None:
             return features
+        # row-major: index 0 (-1) of every middle dim is the first (last) row
+        rows = features.reshape(features.shape[0], -1, features.shape[-1])
         if self.feature_reduction is FeatureReduction.PICK_FIRST:
-            return features[:, 0]
+            return rows[:, 0]
         if self.feature_reduction is FeatureReduction.PICK_LAST:
-            return features[:, -1]
-        return features.mean(dim=1)
+            return rows[:, -1]
+        return rows.mean(dim=1)
 
     def set_last_layer(self, last_layer_name: str) -> None:
         """Use the module called ``last_layer_name`` as the last layer."""
         modules = dict(self.model.named_modules())
         if last_layer_name not in modules:
-            raise ValueError(
+            raise UnknownKeyError(
                 f"Invalid last_layer_name={last_layer_name!r}: no such module in the "
                 f"model; available: {[n for n in modules if n][:20]}."
             )

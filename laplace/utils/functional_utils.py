@@ -1,28 +1,32 @@
-"""Helpers of the function-space (GP) Laplace approximations: subsets of the
-training data, rows of (dict-like) batches, targets, Gaussian draws and keeping
-the user's model untouched."""
+"""laplace-torch 0.3's ``laplace.utils.functional_utils``: helpers for batches,
+targets, data subsets, Gaussian draws and keeping the user's model untouched,
+with the same names, signatures and meaning.
+
+``to_device``, ``split_batch`` and ``batch_size`` live in
+:mod:`laplace.utils.data` and are re-exported here.
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import (
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    MutableMapping,
-    Sequence,
-)
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 
 from laplace.utils.data import batch_size, split_batch, to_device
+from laplace.utils.subsets import SoDSampler
 
 __all__ = [
     "SoDSampler",
-    "balanced_indices",
     "batch_size",
     "classification_targets",
     "concatenate_rows",
@@ -38,23 +42,22 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-Rows = torch.Tensor | MutableMapping
 
 
-def preserve_model_gradients(method: F) -> F:
-    """Decorate a method of an object with a ``model`` so that the ``.grad`` and
-    ``requires_grad`` of every model parameter are as before the call, whatever
-    autograd work the method does (a user may call it between ``backward`` and
-    ``optimizer.step``)."""
+def preserve_model_gradients(fit: F) -> F:
+    """Decorate a method of an object with a ``model`` so that the ``.grad``
+    (``None`` included) and ``requires_grad`` of every model parameter are as
+    before the call, on return and on raise, whatever autograd work the method
+    does (a user may call it between ``backward`` and ``optimizer.step``)."""
 
-    @functools.wraps(method)
+    @functools.wraps(fit)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         params = list(self.model.parameters())
         # clones: backward() accumulates into an existing .grad in place
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
         flags = [p.requires_grad for p in params]
         try:
-            return method(self, *args, **kwargs)
+            return fit(self, *args, **kwargs)
         finally:
             for p, grad, flag in zip(params, grads, flags):
                 p.requires_grad_(flag)
@@ -63,147 +66,202 @@ def preserve_model_gradients(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def same_configuration(saved: Any, current: Any) -> bool:
-    """Whether two configurations (nested dicts/lists of numbers, strings and
-    tensors) are equal; tensors must agree in shape and values."""
-    if isinstance(saved, torch.Tensor) or isinstance(current, torch.Tensor):
-        if not (isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor)):
+def same_configuration(left: Any, right: Any) -> bool:
+    """Whether two configurations (nested mappings and sequences of numbers,
+    strings and tensors) are equal; tensors must agree in shape and values."""
+    if isinstance(left, torch.Tensor) or isinstance(right, torch.Tensor):
+        if not (isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)):
             return False
-        return saved.shape == current.shape and bool(
-            torch.equal(saved.detach().cpu(), current.detach().cpu())
+        return left.shape == right.shape and bool(
+            torch.equal(left.detach().cpu(), right.detach().cpu())
         )
-    if isinstance(saved, Mapping) and isinstance(current, Mapping):
-        return saved.keys() == current.keys() and all(
-            same_configuration(saved[k], current[k]) for k in saved
+    if isinstance(left, Mapping) and isinstance(right, Mapping):
+        return left.keys() == right.keys() and all(
+            same_configuration(left[k], right[k]) for k in left
         )
-    if isinstance(saved, list | tuple) and isinstance(current, list | tuple):
-        return len(saved) == len(current) and all(
-            same_configuration(a, b) for a, b in zip(saved, current)
+    if isinstance(left, list | tuple) and isinstance(right, list | tuple):
+        return len(left) == len(right) and all(
+            same_configuration(a, b) for a, b in zip(left, right)
         )
-    return saved == current
+    return left == right
 
 
 def draw_gaussian(
     mean: torch.Tensor,
-    cov: torch.Tensor,
+    covariance: torch.Tensor,
     n_samples: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Samples ``(n_samples, d)`` of N(mean ``(d,)``, cov ``(d, d)``).
-
-    ``cov`` may be singular (joint predictives of classifiers, more outputs than
-    parameters): the square root comes from an eigendecomposition, not Cholesky.
-    """
-    if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
-        raise ValueError(
-            f"draw_gaussian needs mean (d,) and cov (d, d); got {tuple(mean.shape)} "
-            f"and {tuple(cov.shape)}."
-        )
-    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
-    # eigenvalues at round-off level are zeros of a singular cov: drop them so
-    # the draws stay in its range
-    tol = evals.abs().max() * len(evals) * torch.finfo(evals.dtype).eps
-    scale = evecs * torch.where(evals > tol, evals, 0.0).sqrt()
-    eps = torch.randn(
-        n_samples, len(mean), device=mean.device, dtype=mean.dtype, generator=generator
-    )
-    return mean + eps @ scale.T
-
-
-def regression_targets(y: torch.Tensor, n_outputs: int) -> torch.Tensor:
-    """Regression targets as ``(batch, n_outputs)``; ``(batch,)`` means one output."""
-    if y.ndim == 1 and n_outputs == 1:
-        y = y.unsqueeze(-1)
-    if y.ndim != 2 or y.shape[-1] != n_outputs or not y.is_floating_point():
-        raise ValueError(
-            f"Regression targets must be a float tensor of shape (batch, {n_outputs});"
-            f" got dtype {y.dtype} and shape {tuple(y.shape)}."
-        )
-    return y
-
-
-def classification_targets(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Check class-index targets ``(batch,)`` with values in ``[0, n_classes)``."""
-    if y.is_floating_point() or y.ndim != 1:
-        raise ValueError(
-            "Classification targets must be a 1-d integer tensor of class indices; "
-            f"got dtype {y.dtype} and shape {tuple(y.shape)}."
-        )
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(
-            f"Classification targets must lie in [0, {n_classes}); got values in "
-            f"[{int(y.min())}, {int(y.max())}]."
-        )
-    return y
-
-
-def training_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
-    """``n_subset`` distinct indices of ``range(n_data)`` drawn uniformly with
-    ``seed`` (reproducible, independent of the global RNG), ``(n_subset,)``."""
-    for name, value in (("n_data", n_data), ("n_subset", n_subset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}.")
-    if n_subset > n_data:
-        raise ValueError(
-            f"n_subset={n_subset} exceeds the number of training points {n_data}."
-        )
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n_data, generator=generator)[:n_subset]
-
-
-def balanced_indices(targets: torch.Tensor, n_subset: int, seed: int) -> torch.Tensor:
-    """``n_subset`` indices with (as far as the classes allow) the same number of
-    points of every class in ``targets`` ``(N,)``, drawn with ``seed``."""
-    if n_subset > len(targets):
-        raise ValueError(
-            f"n_subset={n_subset} exceeds the number of training points {len(targets)}."
-        )
-    generator = torch.Generator().manual_seed(int(seed))
-    classes = targets.unique()
-    per_class = n_subset // len(classes)
-    chosen = []
-    for c in classes:
-        members = (targets == c).nonzero().flatten().cpu()
-        perm = torch.randperm(len(members), generator=generator)
-        chosen.append(members[perm[:per_class]])
-    chosen = torch.cat(chosen)
-    rest = torch.ones(len(targets), dtype=torch.bool)
-    rest[chosen] = False
-    rest = rest.nonzero().flatten()
-    fill = rest[
-        torch.randperm(len(rest), generator=generator)[: n_subset - len(chosen)]
-    ]
-    return torch.cat([chosen, fill])
-
-
-class SoDSampler(Sampler[int]):
-    """Sampler over a fixed random subset of ``M`` of the ``N`` data points
-    (subset of data), the same subset on every pass.
+    """Samples of Gaussians with (possibly singular) covariances.
 
     Parameters
     ----------
-    N : int
-        Data set size.
-    M : int
-        Subset size, ``M <= N``.
-    seed : int, default=0
+    mean : Tensor
+        ``[B, C]`` (one Gaussian per row) or ``[B*C]`` (one joint Gaussian).
+    covariance : Tensor
+        ``[B, C, C]`` for a ``[B, C]`` mean (or ``[B, C]`` variances), or
+        ``[B*C, B*C]`` for a ``[B*C]`` mean. Rank-deficient is fine: the square
+        root comes from an eigendecomposition, not Cholesky, and samples stay in
+        the range of the covariance.
+    n_samples : int
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    Tensor
+        ``[n_samples, B, C]`` or ``[n_samples, B*C]``, in ``mean``'s dtype.
     """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+        raise ValueError(f"n_samples must be a non-negative int; got {n_samples!r}.")
+    shape = tuple(mean.shape)
+    if covariance.shape == mean.shape:  # variances
+        eps = _standard_normal((n_samples, *shape), mean, generator)
+        return mean + covariance.clamp_min(0).sqrt() * eps
+    d = shape[-1] if mean.ndim else 0
+    if mean.ndim not in (1, 2) or covariance.shape != (*shape, d):
+        raise ValueError(
+            "draw_gaussian needs mean [B, C] with covariance [B, C, C] (or [B, C] "
+            "variances), or mean [B*C] with covariance [B*C, B*C]; got mean "
+            f"{shape} and covariance {tuple(covariance.shape)}."
+        )
+    scale = _psd_root(covariance)  # (..., d, d) with scale @ scale.mT = cov
+    eps = _standard_normal((n_samples, *shape), mean, generator)
+    return mean + (scale @ eps.unsqueeze(-1)).squeeze(-1)
 
-    def __init__(self, N: int, M: int, seed: int = 0) -> None:
-        self.indices = training_indices(N, M, seed)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
+def _standard_normal(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
 
-    def __len__(self) -> int:
-        return len(self.indices)
+
+def _psd_root(covariance: torch.Tensor) -> torch.Tensor:
+    """``S`` with ``S S^T = covariance`` for (batches of) PSD matrices; eigenvalues
+    at round-off level are zeroed so draws stay in the covariance's range."""
+    work = covariance if covariance.dtype in (torch.float32, torch.float64) else None
+    work = covariance.float() if work is None else work  # eigh needs float32/64
+    evals, evecs = torch.linalg.eigh(0.5 * (work + work.mT))
+    tol = evals.abs().amax(-1, keepdim=True) * evals.shape[-1]
+    tol = tol * torch.finfo(evals.dtype).eps
+    root = evecs * torch.where(evals > tol, evals, 0.0).sqrt().unsqueeze(-2)
+    return root.to(covariance.dtype)
+
+
+def regression_targets(targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """``targets`` shaped like ``outputs`` without broadcasting: equal shapes, or
+    ``[B]`` targets for ``[B, 1]`` outputs (one output); else ``ValueError``."""
+    if targets.shape == outputs.shape:
+        return targets
+    if outputs.ndim >= 1 and outputs.shape[-1] == 1:
+        if targets.shape == outputs.shape[:-1]:
+            return targets.unsqueeze(-1)
+    raise ValueError(
+        f"Regression targets of shape {tuple(targets.shape)} do not match the "
+        f"model outputs of shape {tuple(outputs.shape)} (only [B] targets for "
+        "[B, 1] outputs are reshaped; nothing is broadcast)."
+    )
+
+
+def classification_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices ``[B]`` (int64) from ``[B]`` or ``[B, 1]`` indices or
+    one-hot ``[B, C]`` rows; ``ValueError`` for anything else."""
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(
+            f"Classification targets must be a tensor; got {type(targets).__name__}."
+        )
+    if targets.ndim == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if targets.ndim == 2:
+        one_hot = ((targets == 0) | (targets == 1)).all() and bool(
+            (targets.sum(-1) == 1).all()
+        )
+        if not one_hot:
+            raise ValueError(
+                f"Classification targets of shape {tuple(targets.shape)} must be "
+                "one-hot rows (a single 1 per row, zeros elsewhere)."
+            )
+        return targets.argmax(-1)
+    if targets.ndim != 1 or targets.is_complex():
+        raise ValueError(
+            "Classification targets must be [B] or [B, 1] class indices or one-hot "
+            f"[B, C]; got shape {tuple(targets.shape)} and dtype {targets.dtype}."
+        )
+    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        raise ValueError("Classification targets must be whole numbers (classes).")
+    if len(targets) and bool((targets < 0).any()):
+        raise ValueError(
+            f"Classification targets must be non-negative; got {int(targets.min())}."
+        )
+    return targets.long()
+
+
+def training_indices(loader: DataLoader) -> torch.Tensor:
+    """The indices of ``loader.dataset`` that ``loader`` can yield (through its
+    sampler and batch sampler), sorted, ``(n,)`` int64. A random sampler's
+    generator and the global RNG are left as they were."""
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    if dataset is None or sampler is None:
+        raise ValueError(
+            f"training_indices needs a DataLoader with a dataset; got "
+            f"{type(loader).__name__}."
+        )
+    batches = getattr(loader, "batch_sampler", None)
+    if batches is not None and type(batches) is not BatchSampler:
+        return _sorted_indices(_replay(batches))  # a custom batch sampler
+    n = len(dataset)
+    if isinstance(sampler, SequentialSampler):
+        if batches is not None and batches.drop_last:
+            n -= n % batches.batch_size  # the last, incomplete batch never comes
+        return torch.arange(n)
+    if isinstance(sampler, RandomSampler):
+        return torch.arange(n)  # every index can be drawn
+    if isinstance(sampler, SubsetRandomSampler):
+        return _sorted_indices(list(sampler.indices))
+    return _sorted_indices(_replay(sampler))
+
+
+def _sorted_indices(indices: list[Any]) -> torch.Tensor:
+    values = [
+        int(i) if isinstance(i, torch.Tensor) and i.numel() == 1 else i for i in indices
+    ]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in values):
+        raise ValueError(
+            "training_indices needs a map-style dataset whose sampler yields "
+            "integer indices."
+        )
+    return torch.tensor(sorted(set(values)), dtype=torch.long)
+
+
+def _replay(source: Iterable) -> list[Any]:
+    """Every index ``source`` (a sampler or batch sampler) yields, with the global
+    RNG and any generator it holds restored afterwards."""
+    generators = [g for g in _generators(source) if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            seen = []
+            for item in source:
+                seen.extend(item if isinstance(item, list | tuple) else [item])
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+    return seen
+
+
+def _generators(source: Any) -> list[Any]:
+    found = [getattr(source, "generator", None)]
+    inner = getattr(source, "sampler", None)  # a batch sampler's sampler
+    if inner is not None:
+        found.append(getattr(inner, "generator", None))
+    return found
 
 
 def subset_loader(
     loader: DataLoader, indices: torch.Tensor | Sequence[int]
 ) -> DataLoader:
-    """A loader over the rows ``indices`` of ``loader.dataset``, in that order, with
-    the batch size and collate function of ``loader``."""
+    """A sequential loader over the rows ``indices`` of ``loader.dataset``, in
+    that order, with the batch size and collate function of ``loader``."""
     dataset = getattr(loader, "dataset", None)
     if dataset is None:
         raise ValueError(
@@ -219,36 +277,61 @@ def subset_loader(
     )
 
 
-def concatenate_rows(chunks: Iterable[Rows]) -> Rows:
-    """Concatenate batches (tensors, or dict-like batches whose tensors share the
-    leading dimension) along the rows; non-tensor entries come from the first."""
+def concatenate_rows(chunks: Iterable[Any]) -> Any:
+    """Concatenate batches along the rows: tensors with ``torch.cat``, mappings
+    and sequences entry by entry (recursively). Inside mappings and sequences,
+    an entry that is the very same object in every chunk (metadata
+    :func:`select_rows` left untouched), a 0-d tensor or a non-tensor is taken
+    once from the first chunk."""
     chunks = list(chunks)
     if not chunks:
         raise ValueError("concatenate_rows needs at least one batch.")
+    return _concatenate(chunks, top=True)
+
+
+def _concatenate(chunks: list[Any], top: bool = False) -> Any:
     first = chunks[0]
+    if not top and all(c is first for c in chunks):
+        return first
     if isinstance(first, torch.Tensor):
-        return torch.cat(chunks, dim=0)
-    if isinstance(first, MutableMapping):
-        return {
-            k: torch.cat([c[k] for c in chunks], dim=0)
-            if isinstance(v, torch.Tensor)
-            else v
-            for k, v in first.items()
-        }
-    raise ValueError(f"Cannot concatenate batches of type {type(first).__name__}.")
+        return first if first.ndim == 0 else torch.cat(chunks, dim=0)
+    if isinstance(first, Mapping):
+        return type(first)({k: _concatenate([c[k] for c in chunks]) for k in first})
+    if isinstance(first, list | tuple) and _holds_tensor(first):
+        parts = [_concatenate([c[i] for c in chunks]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if top:
+        raise ValueError(f"Cannot concatenate batches of type {type(first).__name__}.")
+    return first
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v) for v in value)
+    return False
 
 
 def select_rows(
-    X: Rows, index: torch.Tensor | slice, dict_key_x: str = "input_ids"
-) -> Rows:
-    """Rows ``index`` of a tensor, or of every tensor of a dict-like batch whose
-    leading size is the batch size ``len(X[dict_key_x])``."""
-    if isinstance(X, torch.Tensor):
-        return X[index]
-    if isinstance(X, MutableMapping):
-        n = batch_size(X, dict_key_x)
-        return {
-            k: v[index] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v
-            for k, v in X.items()
-        }
-    raise ValueError(f"Cannot select rows of {type(X).__name__}.")
+    inputs: Any, indices: torch.Tensor | slice | Sequence[int], batch_size: int
+) -> Any:
+    """Rows ``indices`` (a slice or 1-d indices) of every tensor in ``inputs``
+    whose leading size is ``batch_size``, recursively through mappings and
+    sequences; everything else (non-batched metadata) is left untouched."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim and len(inputs) == batch_size:
+            return inputs[indices]
+        return inputs
+    if isinstance(inputs, Mapping):
+        return type(inputs)(
+            {k: select_rows(v, indices, batch_size) for k, v in inputs.items()}
+        )
+    if isinstance(inputs, list | tuple) and _holds_tensor(inputs):
+        parts = [select_rows(v, indices, batch_size) for v in inputs]
+        return (
+            type(inputs)(*parts) if hasattr(inputs, "_fields") else type(inputs)(parts)
+        )
+    return inputs

@@ -52,7 +52,7 @@ class KronDecomposed(_BlockKronecker):
             eigenvectors, "eigenvectors", "KronDecomposed"
         )
         self.eigenvalues = _validate_blocks(
-            eigenvalues, "eigenvalues", "KronDecomposed", ndim=1
+            eigenvalues, "eigenvalues", "KronDecomposed", ndims=(1,)
         )
         layout = [[Q.shape for Q in block] for block in self.eigenvectors]
         if layout != [[(len(l), len(l)) for l in block] for block in self.eigenvalues]:
@@ -81,8 +81,13 @@ class KronDecomposed(_BlockKronecker):
 
     def __add__(self, deltas: Tensor | float) -> KronDecomposed:
         """Add ``deltas`` (scalar or `(n_blocks,)`) to the existing deltas."""
+        if not isinstance(deltas, Tensor | float | int) or isinstance(deltas, bool):
+            return NotImplemented
         new = self.deltas + self._expand_deltas(deltas)
         return KronDecomposed(self.eigenvectors, self.eigenvalues, new, self.damping)
+
+    # ``deltas + M`` as ``M + deltas`` (a tensor on the left defers to this)
+    __radd__ = __add__
 
     def __mul__(self, scalar: float | Tensor) -> KronDecomposed:
         """Scale the Kronecker part by ``scalar >= 0`` (deltas unchanged)."""
@@ -186,6 +191,8 @@ class KronDecomposed(_BlockKronecker):
         """Dense ``M^exponent``, `(P, P)`."""
         blocks = []
         for b, Q in enumerate(self.eigenvectors):
-            Q = torch.kron(*Q) if len(Q) == 2 else Q[0]
+            # contiguous: torch.kron fails on some mixes of strides (eigh returns
+            # column-major eigenvectors, identities of 1-d factors are row-major)
+            Q = torch.kron(*(q.contiguous() for q in Q)) if len(Q) == 2 else Q[0]
             blocks.append((Q * self._block_eigenvalues(b).pow(exponent)) @ Q.mT)
         return block_diag(blocks)

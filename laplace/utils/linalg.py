@@ -93,8 +93,9 @@ def diagonal_add_scalar(X: Tensor, value: float | Tensor) -> Tensor:
 
 
 def _eigh_with_jitter(M: Tensor) -> tuple[Tensor, Tensor]:
+    # UPLO="U": only the upper triangle is read, as in laplace-torch
     try:
-        return torch.linalg.eigh(M)
+        return torch.linalg.eigh(M, UPLO="U")
     except torch.linalg.LinAlgError:
         pass
     # A shift by c*I leaves the eigenvectors unchanged and moves every
@@ -103,7 +104,7 @@ def _eigh_with_jitter(M: Tensor) -> tuple[Tensor, Tensor]:
     scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(dim=-1, keepdim=True)
     eps = torch.finfo(M.dtype).eps
     jitter = eps**0.5 * scale + eps
-    eigvals, eigvecs = torch.linalg.eigh(M + _eye_like(M) * jitter[..., None])
+    eigvals, eigvecs = torch.linalg.eigh(M + _eye_like(M) * jitter[..., None], UPLO="U")
     return eigvals - jitter, eigvecs
 
 
@@ -112,7 +113,8 @@ def _eye_like(M: Tensor) -> Tensor:
 
 
 def symeig(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric eigendecomposition of a positive semi-definite matrix.
+    """Symmetric eigendecomposition of a positive semi-definite matrix, read
+    from its upper triangle (``UPLO='U'``, as laplace-torch).
 
     Tries ``torch.linalg.eigh``; on failure retries with a small diagonal
     jitter (removed again from the eigenvalues), and for lower-precision

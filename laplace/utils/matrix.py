@@ -9,6 +9,7 @@ two square factors.
   PyTorch's row-major flattening: entry ``i * in + j`` of the flattened block
   is ``weight.reshape(out, in)[i, j]``.
 * vector-like parameters (``ndim <= 1``) have ``[G]`` and the block is ``G``.
+* a factor may also be a vector ``d`` of length ``n``, meaning ``diag(d)``.
 
 Products never form ``kron(G, A)``: a row vector ``w`` of the block, viewed as
 ``X = w.reshape(out, in)``, satisfies ``(w @ kron(G, A)).reshape(out, in) ==
@@ -29,6 +30,8 @@ from laplace.utils._kron_blocks import (
     _as_rows,
     _BlockKronecker,
     _check_scalar,
+    _dense,
+    _diagonal,
     _grouped_symeig,
     _rmatmul,
     _root,
@@ -47,29 +50,30 @@ class Kron(_BlockKronecker):
     Parameters
     ----------
     kfacs : list of list of Tensor
-        One list per block with factors ``[G]`` or ``[G, A]``, square, on one
-        device with one dtype.
+        One list per block with factors ``[G]`` or ``[G, A]``, each square or a
+        vector ``d`` of length ``n`` meaning ``diag(d)``, on one device with one
+        dtype.
     """
 
     def __init__(self, kfacs: Sequence[Sequence[Tensor]]) -> None:
-        self.kfacs = _validate_blocks(kfacs, "kfacs", "Kron")
+        self.kfacs = _validate_blocks(kfacs, "kfacs", "Kron", ndims=(2, 1))
         self._factors = self.kfacs
 
     @classmethod
     def init_from_model(
         cls,
-        model_or_params: nn.Module | Iterable[nn.Parameter],
+        model: nn.Module | Iterable[nn.Parameter],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Kron:
-        """Zero factors for each parameter (trainable ones for a module).
-
-        ``device``/``dtype`` default to each parameter's own.
+        """Zero factors for each parameter: of ``model``'s trainable ones, or of
+        the given parameters. ``device``/``dtype`` default to each parameter's
+        own.
         """
-        if isinstance(model_or_params, nn.Module):
-            params = [p for p in model_or_params.parameters() if p.requires_grad]
+        if isinstance(model, nn.Module):
+            params = [p for p in model.parameters() if p.requires_grad]
         else:
-            params = list(model_or_params)
+            params = list(model)
         if len(params) == 0:
             raise ValueError("Kron.init_from_model: no (trainable) parameters given.")
         kfacs = []
@@ -87,14 +91,18 @@ class Kron(_BlockKronecker):
         return cls(kfacs)
 
     def __add__(self, other: Kron) -> Kron:
-        """Factor-wise sum (accumulation over batches of normalised factors)."""
+        """Factor-wise sum (accumulation over batches of normalised factors); a
+        vector factor plus a matrix factor is ``diag(d) + F``."""
         if not isinstance(other, Kron):
             return NotImplemented
-        shapes = [[F.shape for F in block] for block in self.kfacs]
-        if shapes != [[F.shape for F in block] for block in other.kfacs]:
+        sides = [[len(F) for F in block] for block in self.kfacs]
+        if sides != [[len(F) for F in block] for block in other.kfacs]:
             raise ValueError("Kron.__add__: `other` has a different block layout.")
         return Kron(
-            [[F + H for F, H in zip(b1, b2)] for b1, b2 in zip(self.kfacs, other.kfacs)]
+            [
+                [F + H if F.ndim == H.ndim else _dense(F) + _dense(H) for F, H in pair]
+                for pair in (zip(b1, b2) for b1, b2 in zip(self.kfacs, other.kfacs))
+            ]
         )
 
     def __radd__(self, other: object) -> Kron:
@@ -154,14 +162,14 @@ class Kron(_BlockKronecker):
         """Diagonal of the matrix, `(P,)`."""
         out = []
         for block in self.kfacs:
+            diagonals = [_diagonal(F) for F in block]
             if len(block) == 1:
-                out.append(block[0].diagonal())
+                out.append(diagonals[0])
             else:
-                out.append(
-                    torch.outer(block[0].diagonal(), block[1].diagonal()).flatten()
-                )
+                out.append(torch.outer(*diagonals).flatten())
         return torch.cat(out)
 
     def to_matrix(self) -> Tensor:
         """Dense block-diagonal matrix, `(P, P)`."""
-        return block_diag([torch.kron(*b) if len(b) == 2 else b[0] for b in self.kfacs])
+        dense = [[_dense(F) for F in block] for block in self.kfacs]
+        return block_diag([torch.kron(*b) if len(b) == 2 else b[0] for b in dense])

@@ -17,6 +17,7 @@ from torch.nn.utils import parameters_to_vector
 
 from laplace.utils.data import split_batch, to_device
 from laplace.utils.enums import Likelihood
+from laplace.utils.errors import UnknownKeyError
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.utils import trainable_parameters
@@ -37,7 +38,17 @@ __all__ = [
 class SubnetMask:
     """Base class: a subnetwork of the trainable parameters of ``model``.
 
-    Subclasses implement :meth:`get_subnet_mask`.
+    Subclasses implement :meth:`get_subnet_mask`; :meth:`select` runs it once
+    and records the indices.
+
+    Attributes
+    ----------
+    indices : LongTensor
+        The selected indices ``(K,)``; ``AttributeError`` before :meth:`select`.
+    n_params_subnet : int
+        The number of selected parameters ``K`` (for score-based masks the
+        constructor value); ``AttributeError`` before :meth:`select` where it is
+        not known in advance.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -54,9 +65,28 @@ class SubnetMask:
     @property
     def indices(self) -> torch.LongTensor:
         """The selected subnetwork indices `(K,)`; needs :meth:`select` first."""
-        if self._indices is None:
-            raise ValueError("No subnetwork selected yet; call select() first.")
+        if getattr(self, "_indices", None) is None:
+            # AttributeError, so that hasattr(mask, "indices") is False
+            raise AttributeError(
+                f"{type(self).__name__} has no indices yet; call select() first."
+            )
         return self._indices
+
+    @property
+    def n_params_subnet(self) -> int:
+        """Number of parameters in the subnetwork."""
+        fixed = getattr(self, "_n_params_subnet", None)
+        if fixed is not None:
+            return fixed
+        if getattr(self, "_indices", None) is None:
+            raise AttributeError(
+                f"{type(self).__name__}.n_params_subnet is known after select()."
+            )
+        return len(self._indices)
+
+    @n_params_subnet.setter
+    def n_params_subnet(self, value: int) -> None:
+        self._n_params_subnet = value
 
     def convert_subnet_mask_to_indices(
         self, subnet_mask: torch.Tensor
@@ -80,7 +110,13 @@ class SubnetMask:
         return indices
 
     def select(self, train_loader: Iterable | None = None) -> torch.LongTensor:
-        """Select the subnetwork and return its indices `(K,)` (LongTensor)."""
+        """Select the subnetwork and return its indices `(K,)` (LongTensor); a
+        mask selects once (``ValueError`` on a second call)."""
+        if getattr(self, "_indices", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} has already selected a subnetwork; create a "
+                "new mask to select again."
+            )
         mask = self.get_subnet_mask(train_loader)
         self._indices = self.convert_subnet_mask_to_indices(mask)
         return self._indices
@@ -262,15 +298,21 @@ class ParamNameSubnetMask(_ParamSetSubnetMask):
     def __init__(self, model: nn.Module, parameter_names: Sequence[str]) -> None:
         super().__init__(model)
         self._parameter_names = _names(parameter_names, "parameter_names")
+        self._named()  # unknown names fail here, not at select()
 
-    def get_subnet_mask(self, train_loader: Iterable | None) -> torch.Tensor:
+    def _named(self) -> dict[str, nn.Parameter]:
         named = dict(self.model.named_parameters(remove_duplicate=False))
         for name in self._parameter_names:
             if name not in named:
-                raise ValueError(
+                raise UnknownKeyError(
                     f"parameter_names holds {name!r}, which is not a parameter of the "
                     f"model; available: {list(named)[:20]}."
                 )
+        return named
+
+    def get_subnet_mask(self, train_loader: Iterable | None) -> torch.Tensor:
+        named = self._named()
+        for name in self._parameter_names:
             if not named[name].requires_grad:
                 raise ValueError(
                     f"Parameter {name!r} has requires_grad=False and cannot be part of "
@@ -286,16 +328,22 @@ class ModuleNameSubnetMask(_ParamSetSubnetMask):
     def __init__(self, model: nn.Module, module_names: Sequence[str]) -> None:
         super().__init__(model)
         self._module_names = _names(module_names, "module_names")
+        self._modules()  # unknown names fail here, not at select()
 
-    def get_subnet_mask(self, train_loader: Iterable | None) -> torch.Tensor:
+    def _modules(self) -> dict[str, nn.Module]:
         modules = dict(self.model.named_modules(remove_duplicate=False))
-        selected = []
         for name in self._module_names:
             if name not in modules:
-                raise ValueError(
+                raise UnknownKeyError(
                     f"module_names holds {name!r}, which is not a module of the "
                     f"model; available: {[n for n in modules if n][:20]}."
                 )
+        return modules
+
+    def get_subnet_mask(self, train_loader: Iterable | None) -> torch.Tensor:
+        modules = self._modules()
+        selected = []
+        for name in self._module_names:
             params = [p for p in modules[name].parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"Module {name!r} has no trainable parameters.")
@@ -315,6 +363,7 @@ class LastLayerSubnetMask(ModuleNameSubnetMask):
         SubnetMask.__init__(self, model)
         self._last_layer_name = last_layer_name
         self._module_names = [] if last_layer_name is None else [last_layer_name]
+        self._modules()  # an unknown last_layer_name fails here
 
     def get_subnet_mask(self, train_loader: Iterable | None) -> torch.Tensor:
         if self._last_layer_name is None:

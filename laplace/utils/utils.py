@@ -11,6 +11,32 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from laplace.utils.enums import PriorStructure
+from laplace.utils.linalg import (
+    block_diag,
+    diagonal_add_scalar,
+    invsqrt_precision,
+    kron,
+    symeig,
+)
+from laplace.utils.subsets import SoDSampler
+from laplace.utils.validation import validate
+
+__all__ = [
+    "get_nll",
+    "validate",
+    "parameters_per_layer",
+    "invsqrt_precision",
+    "kron",
+    "diagonal_add_scalar",
+    "symeig",
+    "block_diag",
+    "normal_samples",
+    "expand_prior_precision",
+    "fix_prior_prec_structure",
+    "SoDSampler",
+    "_is_batchnorm",
+    "_is_valid_scalar",
+]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -37,9 +37,8 @@ def validate(
     if running:
         loss.reset()
     means, variances, targets = [], [], []
-    dict_key_x = getattr(laplace, "dict_key_x", "input_ids")
     for batch in val_loader:
-        X, y = split_batch(batch, dict_key_x, dict_key_y)
+        X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, laplace._device), y.to(laplace._device)
         out = laplace(
             X, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
