@@ -281,6 +281,30 @@ class BaseLaplace:
     def is_fitted(self) -> bool:
         return self.n_data > 0
 
+    # ---- model outputs ----------------------------------------------------------------
+    # Set once the model's outputs passed the checks of laplace.utils.model_checks
+    # (first batch of fit, or first prediction of a posterior loaded from a state
+    # dict, which has not seen the model run).
+    _outputs_checked = False
+
+    def _check_model_outputs(self, X: Any) -> int:
+        """Check what the model computes on ``X``; return ``n_outputs``."""
+        raise NotImplementedError
+
+    def _check_outputs_once(self, x: Any) -> None:
+        """Before the first prediction of a posterior that has not seen the model
+        run, check the model's outputs on ``x``."""
+        if self._outputs_checked:
+            return
+        with eval_mode(self.model), torch.no_grad():
+            n_outputs = self._check_model_outputs(x)
+        if n_outputs != self.n_outputs:
+            self._outputs_checked = False
+            raise ValueError(
+                f"The model has {n_outputs} outputs, but the posterior was fitted "
+                f"with n_outputs={self.n_outputs}: it comes from another model."
+            )
+
     # ---- public API shared by all approximations -------------------------------
     def optimize_prior_precision(
         self,

@@ -26,6 +26,10 @@ from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.model_checks import (
+    check_extractor_output,
+    check_untied_last_layer,
+)
 
 __all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
 
@@ -93,6 +97,9 @@ class LLLaplace(ParametricLaplace):
             # found on the first batch of fit()
             self.params, self.mean, self.H = [], None, None
             return
+        check_untied_last_layer(
+            self.model.model, self.model.last_layer, self.model.last_layer_name
+        )
         super()._init_params()
 
     def _treated_parameters(self) -> list[nn.Parameter]:
@@ -138,14 +145,25 @@ class LLLaplace(ParametricLaplace):
         )
         return kept[1:] if same else None
 
-    def _model_outputs(self, X: Any) -> torch.Tensor:
+    def _outputs_and_features(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
         recalled = self._recalled_pass(X)
         if recalled is not None:
-            return recalled[0]
+            return recalled
         with torch.no_grad():
             out, phi = self.model.forward_with_features(X)
         self._remember_pass(X, out, phi)
-        return out
+        return out, phi
+
+    def _model_outputs(self, X: Any) -> torch.Tensor:
+        return self._outputs_and_features(X)[0]
+
+    def _laplace_outputs(self, X: Any) -> Any:
+        out, phi = self._outputs_and_features(X)
+        return check_extractor_output(self.model, out, phi, self.likelihood)
+
+    def _check_outputs_once(self, x: Any) -> None:
+        super()._check_outputs_once(x)
+        self._last_pass = None  # only fit reuses a pass
 
     def _features(self, X: Any) -> torch.Tensor:
         recalled = self._recalled_pass(X)

@@ -32,6 +32,7 @@ from laplace.utils.functional_utils import (
     draw_gaussian,
     regression_targets,
 )
+from laplace.utils.model_checks import check_model_output
 from laplace.utils.utils import normal_samples, trainable_parameters
 
 __all__ = ["BaseFunctionalLaplace"]
@@ -165,6 +166,19 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         y = self._check_targets(y, f.shape[-1])
         return self.backend._loss(f, y).to(self._dtype)
 
+    def _check_model_outputs(self, X: Inputs) -> int:
+        with torch.no_grad(), eval_mode(self.model):
+            out = check_model_output(self.model(X), self.likelihood)
+        self._outputs_checked = True
+        return out.shape[-1]
+
+    def _check_first_batch(self, train_loader: Iterable) -> None:
+        """Check the model's outputs on the first batch of ``train_loader``."""
+        X, _ = next(self._batches(train_loader), (None, None))
+        if X is None:
+            raise ValueError("train_loader yielded no batches.")
+        self._check_model_outputs(X)
+
     # ---- predictive -----------------------------------------------------------------------
     def _classifies(self, fitting: bool) -> bool:
         if self.likelihood is Likelihood.REWARD_MODELING:
@@ -238,6 +252,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         ``(batch * O, batch * O)`` over all inputs and outputs."""
         self._check_fitted()
         x = to_device(x, self._device)
+        self._check_outputs_once(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             return self._moments(x, joint)
 

@@ -145,6 +145,7 @@ class ELLA(BaseFunctionalLaplace):
         kept (early stopping). ``balanced=True`` draws a class-balanced subsample
         (classification).
         """
+        self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         if self.subsample_size > n_total:
             raise ValueError(

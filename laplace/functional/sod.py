@@ -43,6 +43,7 @@ from laplace.utils.functional_utils import (
     training_indices,
 )
 from laplace.utils.linalg import symeig
+from laplace.utils.model_checks import check_extractor_output, check_untied_last_layer
 
 __all__ = ["FunctionalLaplace", "FunctionalLLLaplace"]
 
@@ -158,7 +159,9 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         self._factorize(torch.cat(jacobians), torch.cat(outputs))
 
     def _before_fit(self, train_loader: Iterable) -> None:
-        """Hook run before the subset pass (e.g. to find the last layer)."""
+        """Hook run before the subset pass: check the model's outputs (and find
+        the last layer)."""
+        self._check_first_batch(train_loader)
 
     def _factorize(self, J: torch.Tensor, f: torch.Tensor) -> None:
         """Keep ``G = L^T J`` ``(M, O, P)`` and the eigendecomposition of ``G G^T``
@@ -332,6 +335,9 @@ class FunctionalLLLaplace(FunctionalLaplace):
             # found on the first batch of fit()
             self.params, self.mean, self.n_params, self.n_layers = [], None, None, 0
             return
+        check_untied_last_layer(
+            self.model.model, self.model.last_layer, self.model.last_layer_name
+        )
         super()._init_params()
 
     def _treated_parameters(self) -> list[nn.Parameter]:
@@ -341,15 +347,27 @@ class FunctionalLLLaplace(FunctionalLaplace):
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
     def _before_fit(self, train_loader: Iterable) -> None:
-        if self.model.last_layer is not None:
-            return
         X, _ = next(self._batches(train_loader), (None, None))
         if X is None:
             raise ValueError("train_loader yielded no batches.")
-        with torch.no_grad():
-            self.model.find_last_layer(X)
-        self._backend = None
-        self._init_params()
+        if self.model.last_layer is None:
+            with torch.no_grad(), eval_mode(self.model):
+                out, phi = self.model.find_last_layer_with_features(X)
+            self._backend = None
+            self._init_params()
+            self._check_last_layer_outputs(out, phi)
+        else:
+            self._check_model_outputs(X)
+
+    def _check_model_outputs(self, X: Inputs) -> int:
+        with torch.no_grad(), eval_mode(self.model):
+            out, phi = self.model.forward_with_features(X)
+        return self._check_last_layer_outputs(out, phi)
+
+    def _check_last_layer_outputs(self, out: Any, phi: torch.Tensor) -> int:
+        f = check_extractor_output(self.model, out, phi, self.likelihood)
+        self._outputs_checked = True
+        return f.shape[-1]
 
     def _jacobians(
         self, x: Inputs, enable_backprop: bool | None = None

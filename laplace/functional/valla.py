@@ -192,6 +192,7 @@ class VaLLA(BaseFunctionalLaplace):
         _positive_int(iterations, "iterations")
         if val_steps is not None:
             _positive_int(val_steps, "val_steps")
+        self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         with eval_mode(self.model):
             if override or not self.is_fitted:

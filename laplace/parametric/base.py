@@ -22,6 +22,7 @@ from laplace.base import BaseLaplace, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.enums import Likelihood
+from laplace.utils.model_checks import check_model_output
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
 __all__ = ["ParametricLaplace"]
@@ -189,12 +190,24 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             return self.model(X)
 
     def _prepare_batch(self, X: Any, y: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """Learn ``n_outputs`` on the first batch and check the targets against it."""
-        if self.n_outputs is None:
-            # reward models output one reward per item; pairs give two logits
-            rewards = self.likelihood is Likelihood.REWARD_MODELING
-            self.n_outputs = 1 if rewards else int(self._model_outputs(X).shape[-1])
+        """Check the model's outputs and learn ``n_outputs`` on the first batch;
+        check the targets against it."""
+        if self.n_outputs is None or not self._outputs_checked:
+            self.n_outputs = self._check_model_outputs(X)
         return X, self._check_targets(y)
+
+    def _check_model_outputs(self, X: Any) -> int:
+        """Check what the model computes on ``X`` (a tensor ``(batch,
+        n_outputs)`` that fits the likelihood); return ``n_outputs``."""
+        out = check_model_output(self._laplace_outputs(X), self.likelihood)
+        self._outputs_checked = True
+        # reward models output one reward per item; pairs give two logits
+        return 1 if self.likelihood is Likelihood.REWARD_MODELING else out.shape[-1]
+
+    def _laplace_outputs(self, X: Any) -> Any:
+        """The outputs the approximation linearises, after checks particular to
+        the subset of weights."""
+        return self._model_outputs(X)
 
     def _check_targets(self, y: torch.Tensor) -> torch.Tensor:
         if self.likelihood is Likelihood.CLASSIFICATION:
