@@ -259,6 +259,8 @@ class FunctionalLaplace(BaseFunctionalLaplace):
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         X = to_device(state_dict["subset_inputs"], self._device)
         n = batch_size(X, self.dict_key_x)
+        # the model runs here for the first time: check its outputs first
+        self._check_model_outputs(select_rows(X, slice(0, _CHUNK), self.dict_key_x))
         jacobians, outputs = [], []
         with eval_mode(self.model):
             for start in range(0, n, _CHUNK):

@@ -399,8 +399,10 @@ class VaLLA(BaseFunctionalLaplace):
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         classes = state_dict["inducing_classes"]
         self.inducing_classes = classes if classes.numel() else None
+        Z = to_device(state_dict["inducing_inputs"], self._device)
+        self._check_model_outputs(Z)  # the model runs here for the first time
         with eval_mode(self.model):
-            self._set_inducing(to_device(state_dict["inducing_inputs"], self._device))
+            self._set_inducing(Z)
         k = len(self._J_Z)
         if state_dict["L"].shape != (k * (k + 1) // 2,):
             raise ValueError(
