@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
-from torch.utils.data import DataLoader, TensorDataset
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
 from laplace.parametric.last_layer_ggn import linear_layer_ggn
