@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.utils import _is_valid_scalar
@@ -252,6 +253,8 @@ class BaseLaplace:
         """Yield ``(X, y)`` of every batch, on the model's device."""
         for batch in iterate_batches(loader):
             X, y = split_batch(batch, self.dict_key_x, self.dict_key_y)
+            # data made under torch.inference_mode() cannot enter autograd
+            X, y = ordinary_tensors(X), ordinary_tensors(y)
             yield to_device(X, self._device), y.to(self._device)
 
     _dataset_size = staticmethod(dataset_size)

@@ -24,6 +24,7 @@ from laplace.parametric.fast_glm import (
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
 from laplace.utils.model_checks import (
@@ -108,6 +109,7 @@ class LLLaplace(ParametricLaplace):
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
+    @autograd_enabled
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:

@@ -32,8 +32,8 @@ PARAMETRIC_KEYS = ALL_KEYS[:9]
 
 def make_laplace(model: nn.Module, likelihood: str, key: tuple[str, str], **kwargs):
     """The Laplace class of ``key`` on ``model`` (subnetwork: the 6 largest
-    weights; GP: 8 points; Nystrom: 6 points, 3 eigenvalues; variational: 3
-    inducing points)."""
+    weights; low rank: 3; GP: 8 points; Nystrom: 6 points, 3 eigenvalues;
+    variational: 3 inducing points)."""
     subset, structure = key
     if subset == "subnetwork":
         from laplace.utils import LargestMagnitudeSubnetMask
@@ -43,6 +43,8 @@ def make_laplace(model: nn.Module, likelihood: str, key: tuple[str, str], **kwar
         kwargs.setdefault("subnetwork_indices", mask.indices)
     if structure == "gp":
         kwargs.setdefault("n_subset", 8)
+    if structure == "lowrank":  # Lanczos: cheaper than the dense route here
+        kwargs.setdefault("backend_kwargs", {"low_rank": 3})
     if structure == "nystrom":
         kwargs.update(subsample_size=6, n_eigenvalues=3)
     if structure == "variational":
@@ -56,6 +58,16 @@ def make_laplace(model: nn.Module, likelihood: str, key: tuple[str, str], **kwar
             model, likelihood, "all", "gp", functional_approximation=structure, **kwargs
         )
     return Laplace(model, likelihood, subset, structure, **kwargs)
+
+
+def fit_laplace(la, train_loader) -> None:
+    """``la.fit(train_loader)``; VaLLA with 5 iterations (it optimises)."""
+    from laplace import VaLLA
+
+    if isinstance(la, VaLLA):
+        la.fit(train_loader, iterations=5)
+    else:
+        la.fit(train_loader)
 
 
 class Net(nn.Module):

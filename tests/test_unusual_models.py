@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from laplace import FullLLLaplace, FunctionalLLLaplace, KronLLLaplace
-from tests.model_zoo import ALL_KEYS, KEY_IDS, Net, loader, make_laplace
+from tests.model_zoo import (
+    ALL_KEYS,
+    KEY_IDS,
+    Net,
+    fit_laplace,
+    loader,
+    make_laplace,
+)
 
 LAST_LAYER_KEYS = [k for k in ALL_KEYS if k[0] == "last_layer"]
 X_TEST = torch.randn(4, 3, generator=torch.Generator().manual_seed(9)).double()
@@ -21,7 +28,7 @@ X_TEST = torch.randn(4, 3, generator=torch.Generator().manual_seed(9)).double()
 def test_non_tensor_output_is_a_type_error_at_fit(key, wrap):
     la = make_laplace(Net(wrap=wrap), "classification", key)
     with pytest.raises(TypeError, match=f"returned a {wrap}.*Wrap the model"):
-        la.fit(loader("classification"))
+        fit_laplace(la, loader("classification"))
     assert not la.is_fitted
 
 
@@ -33,7 +40,7 @@ LOADS_WITHOUT_FORWARD = [k for k in ALL_KEYS if k[1] not in ("gp", "variational"
 @pytest.mark.parametrize("key", ALL_KEYS, ids=KEY_IDS)
 def test_non_tensor_output_is_a_type_error_at_predict(key):
     la = make_laplace(Net(), "classification", key)
-    la.fit(loader("classification"))
+    fit_laplace(la, loader("classification"))
     state = la.state_dict()
     restored = make_laplace(Net(wrap="tuple"), "classification", key)
     if key not in LOADS_WITHOUT_FORWARD:
@@ -51,7 +58,7 @@ def test_non_tensor_output_is_a_type_error_at_predict(key):
 
 def test_loaded_posterior_of_another_output_count_is_refused():
     la = make_laplace(Net(n_out=2), "regression", ("all", "diag"))
-    la.fit(loader("regression"))
+    fit_laplace(la, loader("regression"))
     state = la.state_dict()
     other = make_laplace(Net(n_out=2), "regression", ("all", "diag"))
     state = {**state, "n_outputs": 3}
@@ -65,14 +72,14 @@ def test_loaded_posterior_of_another_output_count_is_refused():
 def test_one_output_classifier_is_refused(key):
     la = make_laplace(Net(n_out=1), "classification", key)
     with pytest.raises(ValueError, match="at least 2 outputs.*has 1"):
-        la.fit(loader("classification", n_out=1))
+        fit_laplace(la, loader("classification", n_out=1))
     assert not la.is_fitted
 
 
 @pytest.mark.parametrize("key", ALL_KEYS, ids=KEY_IDS)
 def test_one_output_regression_is_fine(key):
     la = make_laplace(Net(n_out=1), "regression", key)
-    la.fit(loader("regression", n_out=1))
+    fit_laplace(la, loader("regression", n_out=1))
     f_mu, f_var = la(X_TEST)
     assert f_mu.shape == (4, 1) and f_var.shape == (4, 1, 1)
     assert torch.isfinite(f_var).all()
@@ -86,7 +93,7 @@ def test_sequence_outputs_are_refused_without_reduction(key, likelihood):
     la = make_laplace(Net(wrap="seq"), likelihood, key)
     match = "applied to the features gives" if key[0] == "last_layer" else "(5, 3, 2)"
     with pytest.raises(ValueError, match=match):
-        la.fit(loader(likelihood))
+        fit_laplace(la, loader(likelihood))
     assert not la.is_fitted
 
 
@@ -95,14 +102,14 @@ def test_sequence_outputs_are_refused_without_reduction(key, likelihood):
 def test_output_after_the_last_layer_is_refused(key):
     la = make_laplace(Net(wrap="tanh"), "regression", key)
     with pytest.raises(ValueError, match="not its last layer 'head'.*3 \\* tanh"):
-        la.fit(loader("regression"))
+        fit_laplace(la, loader("regression"))
     assert not la.is_fitted
 
 
 @pytest.mark.parametrize("key", LAST_LAYER_KEYS, ids=str)
 def test_output_after_the_last_layer_is_refused_before_predicting(key):
     la = make_laplace(Net(), "regression", key)
-    la.fit(loader("regression"))
+    fit_laplace(la, loader("regression"))
     restored = make_laplace(Net(wrap="tanh"), "regression", key)
     if key[1] == "gp":  # recomputes its Jacobians on load
         with pytest.raises(ValueError, match="not its last layer"):
@@ -179,7 +186,7 @@ def test_tied_last_layer_is_refused(cls):
     # found on the first batch
     la = cls(TiedNet(), "regression", **kwargs)
     with pytest.raises(ValueError, match="tied"):
-        la.fit(loader("regression", n_out=4))
+        fit_laplace(la, loader("regression", n_out=4))
     assert not la.is_fitted
 
 
@@ -189,7 +196,7 @@ def test_reused_last_layer_is_refused(cls, name):
     kwargs = {"n_subset": 8} if cls is FunctionalLLLaplace else {}
     la = cls(ReusedNet(), "regression", last_layer_name=name, **kwargs)
     with pytest.raises(ValueError, match="'out' ran 2 times"):
-        la.fit(loader("regression", n_out=4))
+        fit_laplace(la, loader("regression", n_out=4))
 
 
 def test_layer_registered_twice_is_refused():
@@ -204,5 +211,5 @@ def test_frozen_tied_weight_is_fine():
     model = TiedNet()
     model.out.weight.requires_grad_(False)
     la = FullLLLaplace(model, "regression", last_layer_name="out")
-    la.fit(loader("regression", n_out=4))
+    fit_laplace(la, loader("regression", n_out=4))
     assert la.n_params == 4  # the bias only

@@ -33,6 +33,7 @@ from laplace.functional.base import (
     _check_zero_prior_mean,
     _positive_int,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.functional_utils import (
@@ -128,6 +129,7 @@ class ELLA(BaseFunctionalLaplace):
 
     # ---- fit ---------------------------------------------------------------------------
     @preserve_model_gradients
+    @autograd_enabled
     def fit(
         self,
         train_loader: Iterable,

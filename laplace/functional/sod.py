@@ -32,6 +32,7 @@ from laplace.functional.base import (
     _check_seed,
     _positive_int,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
@@ -132,6 +133,7 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         )
 
     # ---- fit ---------------------------------------------------------------------------
+    @autograd_enabled
     @preserve_model_gradients
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``

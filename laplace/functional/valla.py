@@ -50,6 +50,7 @@ from laplace.functional.sparse_gp import (
     unpack_lower,
     variational_covariance,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import Likelihood
 from laplace.utils.functional_utils import preserve_model_gradients, select_rows
@@ -170,6 +171,7 @@ class VaLLA(BaseFunctionalLaplace):
 
     # ---- fit ---------------------------------------------------------------------------
     @preserve_model_gradients
+    @autograd_enabled
     def fit(
         self,
         train_loader: Iterable,

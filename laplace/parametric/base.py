@@ -21,6 +21,7 @@ from torch.nn.utils import parameters_to_vector
 from laplace.base import BaseLaplace, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.prediction import ParametricPredictionMixin
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.enums import Likelihood
 from laplace.utils.model_checks import check_model_output
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
@@ -90,6 +91,7 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         return expand_to_parameters(self.prior_precision, self._layer_sizes)
 
     # ---- fit --------------------------------------------------------------------------
+    @autograd_enabled
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
