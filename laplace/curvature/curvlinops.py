@@ -13,6 +13,7 @@ sampled Fisher scale with ``factor``, gradient outer products with
 from __future__ import annotations
 
 from numbers import Integral
+from typing import Any
 
 import torch
 from curvlinops import (
@@ -27,6 +28,11 @@ from curvlinops import (
 from torch import Tensor, nn
 
 from laplace.curvature._functional import batch_size
+from laplace.curvature._used_params import (
+    PaddedOperator,
+    reached_parameters,
+    used_positions,
+)
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -91,8 +97,11 @@ class CurvlinopsInterface(CurvatureInterface):
         )
 
     # -- hooks for subclasses ------------------------------------------------------
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
-        """The dense-curvature operator on ``[(x, y)]`` and its scale."""
+    def _operator(
+        self, x: Input, y: Tensor, params: list[nn.Parameter]
+    ) -> tuple[Operator, float]:
+        """The dense-curvature operator w.r.t. ``params`` on ``[(x, y)]`` and its
+        scale."""
         raise NotImplementedError(_ABSTRACT)
 
     def _kfac_type(self) -> tuple[dict, float]:
@@ -126,17 +135,35 @@ class CurvlinopsInterface(CurvatureInterface):
         # Round-off makes the product slightly asymmetric; callers factorise it.
         return 0.5 * (H + H.T)
 
-    def _forward_loss(self, x: Input, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._loss(self._module(x), y)
+    def _used_parameters(self, x: Input, y: Tensor) -> tuple[Tensor, list[bool]]:
+        """Loss `()` of the batch and which of ``self.params`` its forward pass
+        uses (see :mod:`laplace.curvature._used_params`)."""
+        with torch.enable_grad():
+            f = self._module(x)
+        return self._loss(f.detach(), y), reached_parameters(f, self.params)
+
+    def curvature_operator(self, x: Input, y: Tensor) -> tuple[Tensor, Any, float]:
+        """Loss `()` of the batch, its curvature as an operator (``op @ V`` for
+        ``V`` of shape `(P, k)`) and the operator's scale. Parameters the forward
+        pass does not use get zero rows and columns (prior only)."""
+        y = self._targets(y)
+        loss, used = self._used_parameters(x, y)
+        params = self.params
+        if all(used):
+            return (loss, *self._operator(x, y, params))
+        op, scale = None, 1.0
+        if any(used):
+            used_params = [p for p, u in zip(params, used) if u]
+            op, scale = self._operator(x, y, used_params)
+        n = sum(p.numel() for p in params)
+        return loss, PaddedOperator(op, used_positions(params, used), n), scale
 
     def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         """Loss `()` and dense curvature `(P, P)` from the operator."""
-        y = self._targets(y)
-        op, scale = self._operator(x, y)
+        loss, op, scale = self.curvature_operator(x, y)
         with torch.enable_grad():
             H = self._dense(op)
-        return self._forward_loss(x, y), scale * H
+        return loss, scale * H
 
     def kron(self, x: Input, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
         """Loss `()` and KFAC; input factors are normalised by ``N``.
@@ -151,12 +178,17 @@ class CurvlinopsInterface(CurvatureInterface):
             raise ValueError(f"N (data set size) must be a positive int, got {N!r}.")
         y = self._targets(y)
         module, params = self._module, self.params
-        _check_kfac_layers(module)
+        loss, used = self._used_parameters(x, y)
+        # parameters the batch does not use keep zero factors (prior only)
+        used_params = [p for p, u in zip(params, used) if u]
+        _check_kfac_layers(module, {id(p) for p in used_params})
+        if not used_params:
+            return loss, Kron.init_from_model(params)
         kfac_kwargs, scale = self._kfac_type()
         op = KFACLinearOperator(
             module,
             self.lossfunc,
-            params,
+            used_params,
             [(x, y)],
             check_deterministic=False,
             kfac_approx=self.kfac_approx,
@@ -166,15 +198,14 @@ class CurvlinopsInterface(CurvatureInterface):
             batch_size_fn=lambda X: batch_size(X, self.dict_key_x),
             **kfac_kwargs,
         )
-        outputs: list[Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-        try:
-            with torch.enable_grad():
-                op.compute_kronecker_factors()
-        finally:
-            handle.remove()
-        loss = self._loss(outputs[0].detach(), y)
-        return loss, _kron_from_state(op, params, module, scale)
+        with torch.enable_grad():
+            op.compute_kronecker_factors()
+        found = iter(_kron_from_state(op, used_params, module, scale).kfacs)
+        blocks = [
+            next(found) if u else Kron.init_from_model([p]).kfacs[0]
+            for p, u in zip(params, used)
+        ]
+        return loss, Kron(blocks)
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
@@ -218,8 +249,10 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
         device = gen.device if gen is not None else "cpu"
         return int(torch.randint(2**31 - 1, (1,), generator=gen, device=device))
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
-        args = (self._module, self.lossfunc, self.params, [(x, y)])
+    def _operator(
+        self, x: Input, y: Tensor, params: list[nn.Parameter]
+    ) -> tuple[Operator, float]:
+        args = (self._module, self.lossfunc, params, [(x, y)])
         if self.stochastic:
             op = FisherMCLinearOperator(
                 *args,
@@ -246,11 +279,13 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
 class CurvlinopsEF(CurvlinopsInterface, EFInterface):
     """Empirical Fisher via curvlinops (``EFLinearOperator``, empirical KFAC)."""
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
+    def _operator(
+        self, x: Input, y: Tensor, params: list[nn.Parameter]
+    ) -> tuple[Operator, float]:
         op = EFLinearOperator(
             self._module,
             self.lossfunc,
-            self.params,
+            params,
             [(x, y)],
             **self._operator_kwargs(x),
         )
@@ -263,11 +298,13 @@ class CurvlinopsEF(CurvlinopsInterface, EFInterface):
 class CurvlinopsHessian(CurvlinopsInterface):
     """Exact Hessian of the loss via curvlinops' ``HessianLinearOperator``."""
 
-    def _operator(self, x: Input, y: Tensor) -> tuple[Operator, float]:
+    def _operator(
+        self, x: Input, y: Tensor, params: list[nn.Parameter]
+    ) -> tuple[Operator, float]:
         op = HessianLinearOperator(
             self._module,
             self.lossfunc,
-            self.params,
+            params,
             [(x, y)],
             **self._operator_kwargs(x),
         )
@@ -286,12 +323,13 @@ class CurvlinopsHessian(CurvlinopsInterface):
         )
 
 
-def _check_kfac_layers(module: nn.Module) -> None:
-    """Refuse parameters KFAC cannot represent instead of being silently wrong."""
+def _check_kfac_layers(module: nn.Module, used: set[int] | None = None) -> None:
+    """Refuse parameters KFAC cannot represent instead of being silently wrong;
+    with ``used`` (parameter ids) only those are checked."""
     owners: dict[int, str] = {}
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or (used is not None and id(p) not in used):
                 continue
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             if id(p) in owners:
