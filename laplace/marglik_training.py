@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace
 from laplace.factory import Laplace
 from laplace.utils.data import dataset_size, split_batch, to_device
 from laplace.utils.enums import HessianStructure, Likelihood, PriorStructure
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import (
     expand_to_parameters,
     fix_prior_prec_structure,

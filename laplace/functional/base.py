@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import vmap
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace, eval_mode
 from laplace.curvature._loss_sqrt import exact_sqrt_fn
@@ -33,6 +32,7 @@ from laplace.utils.functional_utils import (
     regression_targets,
 )
 from laplace.utils.model_checks import check_model_output
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import normal_samples, trainable_parameters
 
 __all__ = ["BaseFunctionalLaplace"]

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
@@ -24,6 +23,7 @@ from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.enums import Likelihood
 from laplace.utils.model_checks import check_model_output
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
 __all__ = ["ParametricLaplace"]
