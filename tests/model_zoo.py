@@ -99,6 +99,16 @@ class Net(nn.Module):
         return f
 
 
+def transposed(model: nn.Module) -> nn.Module:
+    """``model`` with every linear weight replaced by a non-contiguous parameter
+    of the same values (the transpose of a contiguous tensor)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach()
+            module.weight = nn.Parameter(w.T.contiguous().T)
+    return model
+
+
 def loader(likelihood: str, n_out: int = 2, n: int = 12, batch_size: int = 5):
     """Random float64 data for :class:`Net`."""
     gen = torch.Generator().manual_seed(0)

@@ -5,26 +5,22 @@ parameters, and the dense torch.func GGN."""
 
 import pytest
 import torch
-from torch import nn
 
 from laplace import FullLaplace
 from laplace.marglik_training import marglik_training
 from tests.ground_truth import DenseCurvature
-from tests.model_zoo import ALL_KEYS, KEY_IDS, Net, fit_laplace, loader, make_laplace
+from tests.model_zoo import (
+    ALL_KEYS,
+    KEY_IDS,
+    Net,
+    fit_laplace,
+    loader,
+    make_laplace,
+    transposed,
+)
 
 X_TEST = torch.randn(4, 3, generator=torch.Generator().manual_seed(9)).double()
 RTOL = dict(rtol=1e-10, atol=1e-12)
-
-
-def transposed(model: nn.Module) -> nn.Module:
-    """``model`` with every weight replaced by a non-contiguous parameter of the
-    same values (the transpose of a contiguous tensor)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            w = module.weight.detach()
-            module.weight = nn.Parameter(w.T.contiguous().T)
-            assert not module.weight.is_contiguous()
-    return model
 
 
 def _call(la, **kwargs):
@@ -36,6 +32,7 @@ def _call(la, **kwargs):
 @pytest.mark.parametrize("key", ALL_KEYS, ids=KEY_IDS)
 def test_same_numbers_as_contiguous_parameters(key, likelihood):
     las = []
+    assert not transposed(Net()).head.weight.is_contiguous()
     for model in (Net(), transposed(Net())):
         la = make_laplace(model, likelihood, key)
         fit_laplace(la, loader(likelihood))
