@@ -199,11 +199,15 @@ def test_reused_last_layer_is_refused(cls, name):
         fit_laplace(la, loader("regression", n_out=4))
 
 
-def test_layer_registered_twice_is_refused():
-    model = ReusedNet()
+@pytest.mark.parametrize("name", [None, "out"])
+def test_layer_registered_twice_but_run_once_is_fine(name):
+    """An alias (``self.head = self.out``) is not a reuse."""
+    model = TiedNet()
+    model.out.weight = nn.Parameter(model.out.weight.detach().clone())  # untie
     model.alias = model.out
-    with pytest.raises(ValueError, match="also registered as"):
-        FullLLLaplace(model, "regression", last_layer_name="out")
+    la = FullLLLaplace(model, "regression", last_layer_name=name)
+    la.fit(loader("regression", n_out=4))
+    assert la.n_params == 20
 
 
 def test_frozen_tied_weight_is_fine():

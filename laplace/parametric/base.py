@@ -199,16 +199,14 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         return X, self._check_targets(y)
 
     def _check_model_outputs(self, X: Any) -> int:
-        """Check what the model computes on ``X`` (a tensor ``(batch,
-        n_outputs)`` that fits the likelihood); return ``n_outputs``."""
+        """Check the model's outputs on ``X`` (see model_checks); ``n_outputs``."""
         out = check_model_output(self._laplace_outputs(X), self.likelihood)
         self._outputs_checked = True
         # reward models output one reward per item; pairs give two logits
         return 1 if self.likelihood is Likelihood.REWARD_MODELING else out.shape[-1]
 
     def _laplace_outputs(self, X: Any) -> Any:
-        """The outputs the approximation linearises, after checks particular to
-        the subset of weights."""
+        """The outputs to linearise, after checks particular to the subset."""
         return self._model_outputs(X)
 
     def _check_targets(self, y: torch.Tensor) -> torch.Tensor:

@@ -150,19 +150,12 @@ def check_untied_last_layer(
     model: nn.Module, layer: nn.Module, layer_name: str
 ) -> None:
     """Raise ``ValueError`` if a trainable parameter of ``layer`` also belongs to
-    another module of ``model`` (tied weights), or ``layer`` is registered under
-    several names: the features would then depend on the last layer's
-    parameters."""
+    another module of ``model`` (tied weights): the features would then depend
+    on the last layer's parameters. (The same module under a second name is
+    fine unless it runs twice, which :func:`check_last_layer_output` catches.)"""
     own = {id(p): n for n, p in layer.named_parameters() if p.requires_grad}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
+    for mod_name, module in model.named_modules():
         if module is layer:
-            if mod_name != layer_name:
-                raise ValueError(
-                    f"The last layer {layer_name!r} is also registered as "
-                    f"{mod_name!r}: a layer used twice makes the features depend on "
-                    "its parameters, which last-layer Laplace keeps fixed. Use "
-                    "subset_of_weights='all'."
-                )
             continue
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) in own:
