@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from laplace.hyperparameters import HyperparametersMixin
+from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.targets import check_targets
@@ -212,6 +213,8 @@ class BaseLaplace(HyperparametersMixin):
         """Yield ``(X, y)`` of every batch, on the model's device."""
         for batch in iterate_batches(loader):
             X, y = split_batch(batch, self.dict_key_y)
+            # data made under torch.inference_mode() cannot enter autograd
+            X, y = ordinary_tensors(X), ordinary_tensors(y)
             yield to_device(X, self._device), y.to(self._device)
 
     _dataset_size = staticmethod(dataset_size)
@@ -250,6 +253,30 @@ class BaseLaplace(HyperparametersMixin):
     @property
     def is_fitted(self) -> bool:
         return self.n_data > 0
+
+    # ---- model outputs ----------------------------------------------------------------
+    # Set once the model's outputs passed the checks of laplace.utils.model_checks
+    # (first batch of fit, or first prediction of a posterior loaded from a state
+    # dict, which has not seen the model run).
+    _outputs_checked = False
+
+    def _check_model_outputs(self, X: Any) -> int:
+        """Check what the model computes on ``X``; return ``n_outputs``."""
+        raise NotImplementedError
+
+    def _check_outputs_once(self, x: Any) -> None:
+        """Before the first prediction of a posterior that has not seen the model
+        run, check the model's outputs on ``x``."""
+        if self._outputs_checked:
+            return
+        with eval_mode(self.model), torch.no_grad():
+            n_outputs = self._check_model_outputs(x)
+        if n_outputs != self.n_outputs:
+            self._outputs_checked = False
+            raise ValueError(
+                f"The model has {n_outputs} outputs, but the posterior was fitted "
+                f"with n_outputs={self.n_outputs}: it comes from another model."
+            )
 
     # ---- public API shared by all approximations -------------------------------
     # Implemented by the subclasses; here so that code written against

@@ -25,8 +25,13 @@ from laplace.parametric.fast_glm import (
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
+from laplace.utils.model_checks import (
+    check_extractor_output,
+    check_untied_last_layer,
+)
 
 __all__ = ["LLLaplace", "FullLLLaplace", "KronLLLaplace", "DiagLLLaplace"]
 
@@ -98,6 +103,9 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
             # found on the first batch of fit(); until then H is None
             self.params, self.mean, self.H = [], self.prior_mean, None
             return
+        check_untied_last_layer(
+            self.model.model, self.model.last_layer, self.model.last_layer_name
+        )
         super()._init_params()
 
     def _treated_parameters(self) -> list[nn.Parameter]:
@@ -107,6 +115,7 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
     @atomic
+    @autograd_enabled
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
@@ -150,14 +159,25 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         )
         return kept[1:] if same else None
 
-    def _model_outputs(self, X: Any) -> torch.Tensor:
+    def _outputs_and_features(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
         recalled = self._recalled_pass(X)
         if recalled is not None:
-            return recalled[0]
+            return recalled
         with torch.no_grad():
             out, phi = self.model.forward_with_features(X)
         self._remember_pass(X, out, phi)
-        return out
+        return out, phi
+
+    def _model_outputs(self, X: Any) -> torch.Tensor:
+        return self._outputs_and_features(X)[0]
+
+    def _laplace_outputs(self, X: Any) -> Any:
+        out, phi = self._outputs_and_features(X)
+        return check_extractor_output(self.model, out, phi, self.likelihood)
+
+    def _check_outputs_once(self, x: Any) -> None:
+        super()._check_outputs_once(x)
+        self._last_pass = None  # only fit reuses a pass
 
     def _features(self, X: Any) -> torch.Tensor:
         recalled = self._recalled_pass(X)

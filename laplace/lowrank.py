@@ -135,10 +135,8 @@ class LowRankLaplace(ParametricLaplace):
     def _curv_closure(
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
-        backend = self.backend
-        y = backend._targets(y)
-        op, scale = backend._operator(X, y, backend._options("full", {}))
-        return backend._forward_loss(X, y), [(op, scale)]
+        loss, op, scale = self.backend.curvature_operator(X, y)
+        return loss, [(op, scale)]
 
     def _curvature_is_finite(self, H: Any) -> bool:
         # checked on the eigenpairs in _posterior_state

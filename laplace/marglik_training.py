@@ -12,16 +12,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace
 from laplace.factory import Laplace
+from laplace.marglik_arguments import check_arguments, without_weight_decay
 from laplace.utils.data import dataset_size, split_batch, to_device
 from laplace.utils.enums import HessianStructure, Likelihood, PriorStructure
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import (
     expand_to_parameters,
     fix_prior_prec_structure,
@@ -29,8 +31,6 @@ from laplace.utils.utils import (
 )
 
 __all__ = ["marglik_training"]
-
-_STRUCTURES = (HessianStructure.FULL, HessianStructure.KRON, HessianStructure.DIAG)
 
 
 def marglik_training(
@@ -59,17 +59,26 @@ def marglik_training(
     dict_key_y: str = "labels",
 ) -> tuple[BaseLaplace, nn.Module, list[float], list[float]]:
     """Train ``model`` and its prior precision (and, for regression, observation
-    noise) jointly by online marginal-likelihood maximisation.
+    noise) jointly by online marginal-likelihood maximisation, laplace-torch's
+    algorithm:
 
-    Each epoch minimises, batch by batch, the negative log joint per data point
-    ``nll(batch) / temperature + 0.5 * sum_i delta_i theta_i^2 / N`` (``nll`` the
-    batch mean; ``delta`` the current prior precision expanded to the treated
-    parameters; any ``weight_decay`` of the optimizer is set to 0). After epoch
-    ``e`` (1-based) with ``e > n_epochs_burnin`` and ``e % marglik_frequency == 0``
-    a Laplace approximation ``Laplace(model, likelihood, 'all', hessian_structure)``
-    is fitted on ``train_loader`` and ``n_hypersteps`` Adam steps (``lr_hyp``) are
-    taken on the log prior precision and log ``sigma_noise`` against the negative
-    log marginal likelihood.
+    1. For epochs ``1..n_epochs``, each batch takes an optimizer step on
+       ``criterion(f, y) + 0.5 * theta^T diag(delta) theta / N / c`` with
+       ``criterion`` the mean ``CrossEntropyLoss`` or mean ``MSELoss``, ``delta``
+       the current prior precision expanded to the treated parameters ``theta``,
+       ``c = temperature / (2 sigma^2)`` for regression (``sigma`` the current
+       noise, detached) and ``c = temperature`` otherwise; any ``weight_decay``
+       of the optimizer is set to 0. ``losses`` gets the epoch's loss per data
+       point (batch losses weighted by batch size, divided by ``N``).
+    2. When ``epoch % marglik_frequency == 0`` and ``epoch >= n_epochs_burnin``,
+       a fresh ``Laplace(model, likelihood, 'all', hessian_structure)`` with the
+       current hyperparameters is fitted on ``train_loader`` and ``n_hypersteps``
+       Adam steps (``lr_hyp``) are taken on the log prior precision and log
+       ``sigma_noise`` against the negative log marginal likelihood; each step's
+       value, computed before the step, is appended to ``margliks``.
+    3. The model state and hyperparameters of the lowest entry of ``margliks``
+       are kept and restored at the end; the returned Laplace approximation is
+       fitted on them (on the final ones when no hyperparameter step ran).
 
     Parameters
     ----------
@@ -94,7 +103,7 @@ def marglik_training(
         One prior precision per parameter tensor, one for all, or one per
         parameter ('diag' is not available with ``hessian_structure='kron'``).
     n_epochs_burnin : int, default=0
-        Epochs of plain MAP training before the first hyperparameter update.
+        First epoch at which the hyperparameters may be updated.
     n_hypersteps : int, default=10
     marglik_frequency : int, default=1
     prior_prec_init : float or Tensor, default=1
@@ -112,17 +121,15 @@ def marglik_training(
     Returns
     -------
     la : ParametricLaplace
-        Fitted at the final parameters, with the final hyperparameters.
+        Fitted at the kept parameters, with the kept hyperparameters.
     model : nn.Module
-        The trained ``model`` (the same object).
+        The trained ``model`` (the same object), in the kept state.
     margliks : list of float
-        Log marginal likelihood after each hyperparameter update.
+        Negative log marginal likelihood before each hyperparameter step.
     losses : list of float
-        Per epoch, the MAP objective summed over batches, weighted by batch size
-        and divided by ``N`` (the negative log joint per data point, without the
-        constants of the Gaussian likelihood).
+        The loss per data point of each epoch.
     """
-    config = _check_arguments(locals())
+    config = check_arguments(locals())
     likelihood, structure = config["likelihood"], config["structure"]
     if backend is None:
         backend = _default_backend()
@@ -162,21 +169,21 @@ def marglik_training(
     learn_sigma = likelihood is Likelihood.REGRESSION and not fix_sigma_noise
     hyper = _Hyperparameters(init, sigma_noise_init, learn_sigma, lr_hyp)
 
-    optimizer = optimizer_cls(params, **_without_weight_decay(optimizer_kwargs))
+    optimizer = optimizer_cls(params, **without_weight_decay(optimizer_kwargs))
     scheduler = (
         None
         if scheduler_cls is None
         else scheduler_cls(optimizer, **(scheduler_kwargs or {}))
     )
 
-    def make_laplace() -> BaseLaplace:
+    def make_laplace(prior_precision: torch.Tensor, sigma: torch.Tensor):
         la = Laplace(
             model,
             likelihood,
             subset_of_weights="all",
             hessian_structure=structure,
-            sigma_noise=hyper.sigma_noise,
-            prior_precision=hyper.prior_precision,
+            sigma_noise=sigma,
+            prior_precision=prior_precision,
             temperature=temperature,
             backend=backend,
             enable_backprop=enable_backprop,
@@ -194,11 +201,10 @@ def marglik_training(
     training_modes = [(m, m.training) for m in model.modules()]
     margliks: list[float] = []
     losses: list[float] = []
-    la, la_epoch = None, 0
+    best = _Best()
     try:
         for epoch in epochs:
             model.train()
-            prior_diag = expand_to_parameters(hyper.prior_precision, sizes)
             losses.append(
                 _train_epoch(
                     model,
@@ -206,7 +212,7 @@ def marglik_training(
                     train_loader,
                     optimizer,
                     likelihood,
-                    prior_diag,
+                    expand_to_parameters(hyper.prior_precision, sizes),
                     hyper.sigma_noise,
                     temperature,
                     n_data,
@@ -216,18 +222,22 @@ def marglik_training(
             )
             if scheduler is not None:
                 scheduler.step()
-            if epoch <= n_epochs_burnin or epoch % marglik_frequency != 0:
+            if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
                 continue
-            la, la_epoch = make_laplace(), epoch
-            margliks.append(hyper.update(la, n_hypersteps))
-            if progress_bar:
-                epochs.set_postfix(loss=losses[-1], log_marglik=margliks[-1])
+            la = make_laplace(hyper.prior_precision, hyper.sigma_noise)
+            for _ in range(n_hypersteps):
+                margliks.append(hyper.step(la))
+                best.offer(margliks[-1], epoch, model, hyper)
+            if progress_bar and margliks:
+                epochs.set_postfix(loss=losses[-1], neg_log_marglik=margliks[-1])
     finally:
         for module, training in training_modes:
             module.training = training
-    if la is None or la_epoch != n_epochs:
-        la = make_laplace()
-    return la, model, margliks, losses
+    prior_precision, sigma = hyper.prior_precision, hyper.sigma_noise
+    if best.state is not None:
+        model.load_state_dict(best.state)
+        prior_precision, sigma = best.prior_precision, best.sigma_noise
+    return make_laplace(prior_precision, sigma), model, margliks, losses
 
 
 def _train_epoch(
@@ -243,39 +253,47 @@ def _train_epoch(
     dict_key_x: str,
     dict_key_y: str,
 ) -> float:
-    """One pass over ``loader``; returns the per-data-point MAP objective."""
+    """One pass over ``loader``; returns the loss per data point."""
     device = params[0].device
-    total = torch.zeros((), device=device)
+    if likelihood is Likelihood.REGRESSION:
+        criterion: nn.Module = nn.MSELoss()
+        c = temperature / (2 * sigma.square())
+    else:
+        criterion = nn.CrossEntropyLoss()
+        c = temperature
+    total = 0.0
     for batch in loader:
         X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, device), y.to(device)
         optimizer.zero_grad()
         f = model(X)
         if likelihood is Likelihood.REGRESSION:
-            if y.ndim == 1 and f.ndim == 2 and f.shape[1] == 1:
-                y = y.unsqueeze(-1)
-            if y.shape != f.shape:
-                raise ValueError(
-                    f"Regression targets of shape {tuple(y.shape)} do not match the "
-                    f"model output of shape {tuple(f.shape)}."
-                )
-            nll = 0.5 * (f - y).square().sum() / (sigma.square() * len(f))
-        else:
-            nll = nn.functional.cross_entropy(f, y)
+            y = _regression_targets(y, f)
         theta = parameters_to_vector(params)
-        prior = 0.5 * (prior_diag.to(theta.dtype) * theta.square()).sum() / n_data
-        loss = nll / temperature + prior
+        prior = 0.5 * (prior_diag.to(theta.dtype) * theta) @ theta
+        loss = criterion(f, y) + prior / n_data / c
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(f) / n_data
-    return float(total)
+        total += float(loss.detach()) * len(y)
+    return total / n_data
+
+
+def _regression_targets(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    if y.ndim == 1 and f.ndim == 2 and f.shape[1] == 1:
+        y = y.unsqueeze(-1)  # (batch,) targets of a one-output model
+    if y.shape != f.shape:
+        raise ValueError(
+            f"Regression targets of shape {tuple(y.shape)} do not match the model "
+            f"output of shape {tuple(f.shape)}."
+        )
+    return y
 
 
 class _Hyperparameters:
     """Prior precision and observation noise, optimised by Adam in log space.
 
-    The values are kept separately from their logarithms so that they stay exactly
-    at their initial values until the first update.
+    ``prior_precision`` and ``sigma_noise`` are the current values, detached;
+    they stay exactly at their initial values until the first step.
     """
 
     def __init__(
@@ -299,28 +317,47 @@ class _Hyperparameters:
             lr=lr,
         )
 
-    def _log_marglik(self, la: BaseLaplace) -> torch.Tensor:
+    def step(self, la: BaseLaplace) -> float:
+        """One Adam step on the negative log marginal likelihood of ``la``;
+        returns that value before the step, at the current values."""
+        self._optimizer.zero_grad()
+        prior = self._log_prior.exp()
         sigma = self._log_sigma.exp() if self._learn_sigma else None
-        return la.log_marginal_likelihood(self._log_prior.exp(), sigma)
-
-    def update(self, la: BaseLaplace, n_steps: int) -> float:
-        """Take ``n_steps`` Adam steps on the negative log marginal likelihood of
-        ``la``; leave the new values in ``la`` and return its log marginal
-        likelihood there."""
-        if n_steps == 0:
-            return float(la.log_marginal_likelihood().detach())
-        for _ in range(n_steps):
-            self._optimizer.zero_grad()
-            (-self._log_marglik(la)).backward()
-            self._optimizer.step()
-        with torch.no_grad():
-            marglik = self._log_marglik(la)
-        self.prior_precision = la.prior_precision.detach()
-        la.prior_precision = self.prior_precision
+        neg_marglik = -la.log_marginal_likelihood(prior, sigma)
+        #: the values the latest entry was computed at
+        self.previous = (
+            prior.detach(),
+            self.sigma_noise if sigma is None else sigma.detach().reshape(()),
+        )
+        neg_marglik.backward()
+        self._optimizer.step()
+        self.prior_precision = self._log_prior.detach().exp()
         if self._learn_sigma:
-            self.sigma_noise = la.sigma_noise.detach()
-            la.sigma_noise = self.sigma_noise
-        return float(marglik)
+            self.sigma_noise = self._log_sigma.detach().exp().reshape(())
+        return float(neg_marglik.detach())
+
+
+class _Best:
+    """The model state and hyperparameters of the lowest entry so far."""
+
+    def __init__(self) -> None:
+        self.value = math.inf
+        self.state: dict[str, torch.Tensor] | None = None
+        self.prior_precision = self.sigma_noise = None
+        self._epoch = None
+
+    def offer(
+        self, value: float, epoch: int, model: nn.Module, hyper: _Hyperparameters
+    ) -> None:
+        """Keep ``value`` if it is the lowest; its hyperparameters are those
+        before ``hyper``'s latest step."""
+        if not value < self.value:
+            return
+        self.value = value
+        if self._epoch != epoch:  # the model is the same within a phase
+            self.state = deepcopy(model.state_dict())
+            self._epoch = epoch
+        self.prior_precision, self.sigma_noise = hyper.previous
 
 
 def _default_backend() -> type:
@@ -336,75 +373,3 @@ def _default_backend() -> type:
         )
         return CurvlinopsGGN
     return AsdlGGN
-
-
-def _without_weight_decay(kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    if kwargs is None:
-        return {"weight_decay": 0.0}
-    if not isinstance(kwargs, dict):
-        raise TypeError(f"optimizer_kwargs must be a dict or None; got {type(kwargs)}.")
-    if kwargs.get("weight_decay", 0) != 0:
-        warnings.warn(
-            f"optimizer_kwargs weight_decay={kwargs['weight_decay']} is ignored: the "
-            "prior precision takes the role of weight decay in marglik_training.",
-            stacklevel=3,
-        )
-    return {**kwargs, "weight_decay": 0.0}
-
-
-def _check_arguments(args: dict[str, Any]) -> dict[str, Any]:
-    """Validate the arguments of :func:`marglik_training`; return parsed enums."""
-    if not isinstance(args["model"], nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(args['model'])}.")
-    likelihood = Likelihood.parse(args["likelihood"], "likelihood")
-    structure = HessianStructure.parse(args["hessian_structure"], "hessian_structure")
-    if structure not in _STRUCTURES:
-        raise ValueError(
-            f"Invalid hessian_structure={structure.value!r} for marglik_training; "
-            f"allowed values are {[s.value for s in _STRUCTURES]}."
-        )
-    prior_structure = PriorStructure.parse(args["prior_structure"], "prior_structure")
-    if structure is HessianStructure.KRON and prior_structure is PriorStructure.DIAG:
-        raise ValueError(
-            "prior_structure='diag' is not available with hessian_structure='kron' "
-            "(a per-parameter prior breaks the Kronecker structure); use 'scalar' or "
-            "'layerwise'."
-        )
-    for name, minimum in (
-        ("n_epochs", 1),
-        ("n_epochs_burnin", 0),
-        ("n_hypersteps", 0),
-        ("marglik_frequency", 1),
-    ):
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}.")
-    for name in ("lr_hyp", "sigma_noise_init", "temperature"):
-        value = args[name]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-    if likelihood is not Likelihood.REGRESSION and args["sigma_noise_init"] != 1:
-        raise ValueError(
-            f"sigma_noise_init={args['sigma_noise_init']!r} is only meaningful for "
-            f"regression; it must be 1 for likelihood={likelihood.value!r}."
-        )
-    if args["scheduler_kwargs"] is not None and not isinstance(
-        args["scheduler_kwargs"], dict
-    ):
-        raise TypeError(
-            f"scheduler_kwargs must be a dict or None; got "
-            f"{type(args['scheduler_kwargs'])}."
-        )
-    for name in ("dict_key_x", "dict_key_y"):
-        if not isinstance(args[name], str):
-            raise TypeError(f"{name} must be a str; got {args[name]!r}.")
-    return {
-        "likelihood": likelihood,
-        "structure": structure.value,
-        "prior_structure": prior_structure,
-    }

@@ -1,6 +1,6 @@
 """The exact-GGN routes from layer factors (``laplace.parametric.layer_curvature``)
-against dense ground truth built with torch.func in float64: the closed-form
-route of a bare linear layer (last-layer Laplace), the Kronecker-product route of
+against dense ground truth built with torch.func in float64: the routes on a
+bare linear layer, the Kronecker-product route of
 the dense GGN, seed-chunked KFAC of convolutions, and the single forward pass per
 batch of a last-layer fit."""
 
@@ -78,8 +78,9 @@ def _linear(n_in, n_out, bias, frozen, dtype):
     "bias,frozen", [(True, None), (False, None), (True, "weight"), (True, "bias")]
 )
 def test_bare_linear_full_and_diag(dtype, likelihood, n_out, bias, frozen):
-    """A bare ``nn.Linear`` (a last layer on its features) takes the closed-form
-    factors and, with several outputs, the Kronecker-product dense route."""
+    """A bare ``nn.Linear`` through the generic layer-factor routes (last-layer
+    Laplace takes the closed form of ``tests/test_last_layer_ggn.py``) and, with
+    several outputs, the Kronecker-product dense route."""
     layer = _linear(5, n_out, bias, frozen, dtype)
     x = _data((5,), 13, dtype)
     params, roots = _route_args(layer, likelihood)

@@ -83,7 +83,11 @@ RTOL_FIXED_POINT = 1e-6
 
 def test_prior_precision_matches_evidence_maximiser_and_mackay():
     X, y = linear_problem()
-    la, model, *_ = train_linear(X, y, sigma_noise_init=SIGMA, fix_sigma_noise=True)
+    # the batch loss is MSE + sigma^2 delta |w|^2 / N, 2 sigma^2 times the
+    # negative log joint per data point: a step 1 / (2 sigma^2) larger
+    la, model, *_ = train_linear(
+        X, y, lr=0.4, n_epochs=40, sigma_noise_init=SIGMA, fix_sigma_noise=True
+    )
     (alpha,) = evidence_optimum(X, y, sigma=SIGMA)
     assert la.prior_precision.item() == pytest.approx(alpha, rel=RTOL_FIXED_POINT)
     assert la.sigma_noise.item() == SIGMA
@@ -99,8 +103,7 @@ def test_prior_precision_matches_evidence_maximiser_and_mackay():
 
 def test_prior_and_noise_match_evidence_maximiser():
     X, y = linear_problem(seed=1)
-    # a smaller step: the MAP objective's curvature grows as sigma shrinks
-    la, *_ = train_linear(X, y, lr=0.1, n_epochs=40)
+    la, *_ = train_linear(X, y, lr=0.2, n_epochs=60)
     alpha, sigma = evidence_optimum(X, y)
     assert la.prior_precision.item() == pytest.approx(alpha, rel=RTOL_FIXED_POINT)
     assert la.sigma_noise.item() == pytest.approx(sigma, rel=RTOL_FIXED_POINT)
@@ -108,8 +111,9 @@ def test_prior_and_noise_match_evidence_maximiser():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_map_objective_with_fixed_prior(temperature):
-    """Without hyperparameter steps the network is trained to the MAP of the
-    tempered posterior: ``(X^T X / (sigma^2 T) + delta I)^{-1} X^T y / (sigma^2 T)``."""
+    """Without hyperparameter steps the network minimises ``MSE + 0.5 delta |w|^2
+    / N / c`` with ``c = T / (2 sigma^2)``: ``w = (X^T X T / sigma^2 + delta
+    I)^{-1} X^T y T / sigma^2``."""
     X, y = linear_problem(seed=3)
     delta, sigma = 3.0, 0.7
     la, model, margliks, losses = train_linear(
@@ -123,19 +127,172 @@ def test_map_objective_with_fixed_prior(temperature):
         temperature=temperature,
         optimizer_kwargs={"lr": 0.3},
     )
-    c = 1 / (sigma**2 * temperature)
+    c = temperature / sigma**2
     w_map = torch.linalg.solve(c * X.T @ X + delta * torch.eye(D), c * X.T @ y)
     torch.testing.assert_close(model.weight.detach().T, w_map, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(la.mean, w_map.flatten(), rtol=1e-9, atol=1e-12)
-    assert len(margliks) == 1
+    assert margliks == []  # a phase without steps adds no entry
     assert la.prior_precision.item() == delta and la.sigma_noise.item() == sigma
     assert la.temperature == temperature
-    # the epoch loss is the negative log joint per data point, without constants
+    # the epoch loss per data point, as minimised
     w = w_map.flatten()
-    expected = (
-        0.5 * c * (X @ w - y.flatten()).square().sum() + 0.5 * delta * w @ w
-    ) / N
+    crit = temperature / (2 * sigma**2)
+    expected = (X @ w - y.flatten()).square().mean() + 0.5 * delta * w @ w / N / crit
     assert losses[-1] == pytest.approx(expected.item(), rel=1e-9)
+
+
+# ---- an independent reference loop of the documented algorithm ------------------
+def _linear_jacobians(X, n_out):
+    """``(N, C, C * D + C)``: ``f = W x + b`` w.r.t. ``[W.flatten(), b]``."""
+    eye = torch.eye(n_out)
+    JW = torch.einsum("oc,nd->nocd", eye, X).reshape(len(X), n_out, -1)
+    return torch.cat([JW, eye.expand(len(X), -1, -1)], dim=-1)
+
+
+def _closed_form_lml(model, X, y, likelihood, delta, sigma, T):
+    """Laplace evidence of a linear model at its current weights: exact GGN
+    ``sum_n J_n^T Lambda_n J_n``, layer-wise prior ``delta`` (weight, bias)."""
+    W, b = model.weight.detach(), model.bias.detach()
+    theta = torch.cat([W.flatten(), b])
+    f = X @ W.T + b
+    J = _linear_jacobians(X, f.shape[1])
+    prior = torch.cat([delta[0].expand(W.numel()), delta[1].expand(b.numel())])
+    if likelihood == "regression":
+        lam = torch.eye(f.shape[1]).expand(len(X), -1, -1)
+        c = 1 / (sigma**2 * T)
+        log_lik = -0.5 * (f - y).square().sum() * c
+        log_lik = log_lik - len(X) * f.shape[1] * torch.log(
+            sigma * (2 * math.pi) ** 0.5
+        )
+    else:
+        p = torch.softmax(f, -1)
+        lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        c = 1 / T
+        log_lik = -nn.functional.cross_entropy(f, y, reduction="sum") * c
+    H = torch.einsum("nop,noq,nqr->pr", J, lam, J)
+    P = c * H + torch.diag(prior)
+    log_det_ratio = torch.logdet(P) - prior.log().sum()
+    return log_lik - 0.5 * (log_det_ratio + theta @ (prior * theta))
+
+
+def _reference(X, y, likelihood, n_out, opts):
+    """The algorithm of laplace-torch's documentation, written out."""
+    torch.manual_seed(0)
+    model = nn.Linear(D, n_out)
+    opt = torch.optim.Adam(model.parameters(), lr=opts["lr"])
+    delta = torch.full((2,), opts["prior_prec_init"])
+    sigma = torch.tensor(opts["sigma_noise_init"])
+    learn_sigma = likelihood == "regression" and not opts["fix_sigma_noise"]
+    log_delta = delta.log().requires_grad_()
+    log_sigma = sigma.log().requires_grad_(learn_sigma)
+    hyper_opt = torch.optim.Adam(
+        [log_delta, log_sigma] if learn_sigma else [log_delta], lr=opts["lr_hyp"]
+    )
+    T, bs = opts["temperature"], opts["batch_size"]
+    margliks, losses, best = [], [], (math.inf, None, None, None)
+    for epoch in range(1, opts["n_epochs"] + 1):
+        epoch_loss = 0.0
+        for start in range(0, N, bs):
+            xb, yb = X[start : start + bs], y[start : start + bs]
+            opt.zero_grad()
+            f = model(xb)
+            if likelihood == "regression":
+                crit = (f - yb).square().mean()
+                c = T / (2 * sigma**2)
+            else:
+                crit = nn.functional.cross_entropy(f, yb)
+                c = T
+            penalty = delta[0] * model.weight.square().sum()
+            penalty = penalty + delta[1] * model.bias.square().sum()
+            loss = crit + 0.5 * penalty / N / c
+            loss.backward()
+            opt.step()
+            epoch_loss += loss.item() * len(yb)
+        losses.append(epoch_loss / N)
+        if epoch % opts["marglik_frequency"] != 0 or epoch < opts["n_epochs_burnin"]:
+            continue
+        for _ in range(opts["n_hypersteps"]):
+            hyper_opt.zero_grad()
+            d, s = log_delta.exp(), log_sigma.exp() if learn_sigma else sigma
+            neg = -_closed_form_lml(model, X, y, likelihood, d, s, T)
+            neg.backward()
+            hyper_opt.step()
+            margliks.append(neg.item())
+            if margliks[-1] < best[0]:
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+                best = (margliks[-1], state, d.detach(), s.detach())
+            delta = log_delta.detach().exp()
+            if learn_sigma:
+                sigma = log_sigma.detach().exp()
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+        delta, sigma = best[2], best[3]
+    return model, delta, sigma, margliks, losses
+
+
+@pytest.mark.parametrize(
+    "likelihood,temperature,fix_sigma",
+    [
+        ("regression", 1.0, False),
+        ("regression", 0.5, True),
+        ("classification", 1.0, True),
+        ("classification", 2.0, True),
+    ],
+)
+def test_matches_independent_reference_loop(likelihood, temperature, fix_sigma):
+    n_out = 3 if likelihood == "classification" else 2
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(N, D, generator=gen)
+    if likelihood == "classification":
+        y = torch.randint(n_out, (N,), generator=gen)
+    else:
+        y = X @ torch.randn(D, n_out, generator=gen)
+        y = y + 0.3 * torch.randn(N, n_out, generator=gen)
+    opts = dict(
+        lr=0.05,
+        lr_hyp=0.2,
+        n_epochs=7,
+        n_epochs_burnin=2,
+        marglik_frequency=2,
+        n_hypersteps=3,
+        prior_prec_init=0.5,
+        sigma_noise_init=0.8 if likelihood == "regression" else 1.0,
+        temperature=temperature,
+        fix_sigma_noise=fix_sigma,
+        batch_size=16,
+    )
+    model, delta, sigma, margliks, losses = _reference(X, y, likelihood, n_out, opts)
+    torch.manual_seed(0)
+    la, trained, got_margliks, got_losses = marglik_training(
+        nn.Linear(D, n_out),
+        DataLoader(TensorDataset(X, y), batch_size=opts["batch_size"]),
+        likelihood=likelihood,
+        hessian_structure="full",
+        backend=GGNInterface,
+        optimizer_kwargs={"lr": opts["lr"]},
+        n_epochs=opts["n_epochs"],
+        lr_hyp=opts["lr_hyp"],
+        prior_structure="layerwise",
+        n_epochs_burnin=opts["n_epochs_burnin"],
+        n_hypersteps=opts["n_hypersteps"],
+        marglik_frequency=opts["marglik_frequency"],
+        prior_prec_init=opts["prior_prec_init"],
+        sigma_noise_init=opts["sigma_noise_init"],
+        temperature=temperature,
+        fix_sigma_noise=fix_sigma,
+    )
+    # phases after epochs 2, 4, 6
+    assert len(got_margliks) == 9 and len(got_losses) == 7
+    assert got_losses == pytest.approx(losses, rel=1e-10)
+    assert got_margliks == pytest.approx(margliks, rel=1e-10)
+    # the best entry's state and hyperparameters, and a Laplace fitted on them
+    for got, want in zip(trained.parameters(), model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(la.prior_precision, delta, rtol=1e-10, atol=0)
+    torch.testing.assert_close(la.sigma_noise, sigma.reshape(()), rtol=1e-10, atol=0)
+    assert -la.log_marginal_likelihood().item() == pytest.approx(
+        min(got_margliks), rel=1e-10
+    )
 
 
 def regression_mlp_problem(seed=0, n=64):
@@ -189,21 +346,24 @@ def test_marglik_improves_and_returns_documented_tuple(
     )
     assert trained is model
     assert type(la) is cls and la.is_fitted
-    assert len(losses) == n_epochs and len(margliks) == n_epochs
+    assert len(losses) == n_epochs and len(margliks) == n_epochs * 5
     assert all(math.isfinite(v) for v in margliks + losses)
-    assert margliks[-1] > margliks[0] + 1.0
-    # fitted at the final parameters, with the final hyperparameters
+    assert margliks[-1] < margliks[0] - 1.0  # negative log marginal likelihoods
+    # fitted at the kept parameters, with the kept hyperparameters
     torch.testing.assert_close(la.mean, parameters_to_vector(model.parameters()))
-    assert la.log_marginal_likelihood().item() == pytest.approx(margliks[-1])
+    assert -la.log_marginal_likelihood().item() == pytest.approx(min(margliks))
     n_prior = {"scalar": 1, "layerwise": 4, "diag": la.n_params}[prior_structure]
     assert la.prior_precision.shape == (n_prior,)
     assert not la.prior_precision.requires_grad
 
 
 @pytest.mark.parametrize(
-    "n_epochs,burnin,frequency,expected", [(7, 2, 2, 2), (5, 5, 1, 0), (6, 0, 3, 2)]
+    "n_epochs,burnin,frequency,phases",
+    [(7, 2, 2, 3), (5, 5, 1, 1), (6, 0, 3, 2), (4, 5, 1, 0)],
 )
-def test_burnin_and_frequency(n_epochs, burnin, frequency, expected):
+def test_burnin_and_frequency(n_epochs, burnin, frequency, phases):
+    """A phase runs when ``epoch % frequency == 0 and epoch >= burnin``, with
+    one entry per hyperparameter step."""
     model, loader = regression_mlp_problem()
     la, _, margliks, losses = marglik_training(
         model,
@@ -215,10 +375,10 @@ def test_burnin_and_frequency(n_epochs, burnin, frequency, expected):
         marglik_frequency=frequency,
         n_hypersteps=2,
     )
-    assert len(margliks) == expected and len(losses) == n_epochs
-    # the returned Laplace always sits at the final parameters
+    assert len(margliks) == 2 * phases and len(losses) == n_epochs
+    # the returned Laplace sits at the kept parameters
     torch.testing.assert_close(la.mean, parameters_to_vector(model.parameters()))
-    if expected == 0:
+    if phases == 0:
         assert (la.prior_precision == 1).all() and la.sigma_noise.item() == 1
 
 
@@ -285,7 +445,7 @@ def test_dict_batches():
         dict_key_y="target",
     )
     probs = la({"features": X[:4]})
-    assert probs.shape == (4, 3) and len(margliks) == 3
+    assert probs.shape == (4, 3) and len(margliks) == 3 * 10
 
 
 def test_weight_decay_is_replaced_by_the_prior():

@@ -2,6 +2,7 @@
 NotFittedError), never a crash deep inside torch or a silent NaN; predictive
 shapes hold for random sizes (property-based)."""
 
+import contextlib
 import functools
 import math
 
@@ -30,6 +31,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
+from tests.model_zoo import PARAMETRIC_KEYS, make_laplace, transposed
+from tests.model_zoo import Net as ZooNet
+from tests.model_zoo import loader as zoo_loader
 
 DOCUMENTED = (ValueError, TypeError)
 
@@ -319,3 +323,56 @@ def test_load_state_dict_fuzz_fails_without_a_trace_or_works(kind, data, fitted_
             return
         outs = outs if isinstance(outs, tuple) else (outs,)
         assert all(torch.isfinite(o).all() for o in outs)
+
+
+# ---- unusual models (property-based) ---------------------------------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    key=st.sampled_from(PARAMETRIC_KEYS),
+    likelihood=st.sampled_from(["classification", "regression"]),
+    n_out=st.integers(1, 3),
+    wrap=st.sampled_from([None, None, "tuple", "dict", "tanh", "seq"]),
+    unused=st.booleans(),
+    noncontiguous=st.booleans(),
+    mode=st.sampled_from([None, "no_grad", "inference_mode"]),
+)
+def test_unusual_models_fit_or_fail_clearly(
+    key, likelihood, n_out, wrap, unused, noncontiguous, mode
+):
+    """Every combination either fits and predicts finite values of the right
+    shapes, or fails with the documented error, on the first batch, leaving the
+    object unfitted: non-tensor outputs (TypeError), sequence outputs, one-output
+    classifiers and, for last-layer Laplace, outputs after the last layer
+    (ValueError). Unused and non-contiguous parameters and fitting under
+    no_grad/inference_mode are fine."""
+    model = ZooNet(n_out, wrap)
+    if unused:
+        model.spare = nn.Linear(3, 3).double()
+    if noncontiguous:
+        transposed(model)
+    la = make_laplace(model, likelihood, key)
+    expected = None
+    if wrap in ("tuple", "dict"):
+        expected = TypeError
+    elif (
+        wrap == "seq"
+        or (likelihood == "classification" and n_out == 1)
+        or (wrap == "tanh" and key[0] == "last_layer")
+    ):
+        expected = ValueError
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with context.get(mode, contextlib.nullcontext)():
+        if expected is not None:
+            with pytest.raises(expected):
+                la.fit(zoo_loader(likelihood, n_out))
+            assert not la.is_fitted
+            return
+        la.fit(zoo_loader(likelihood, n_out))
+    x = torch.randn(3, 3, dtype=torch.float64)
+    out = la(x)
+    if likelihood == "classification":
+        assert out.shape == (3, n_out) and torch.isfinite(out).all()
+    else:
+        assert out[0].shape == (3, n_out) and out[1].shape == (3, n_out, n_out)
+        assert torch.isfinite(out[1]).all()
+    assert torch.isfinite(la.log_marginal_likelihood())

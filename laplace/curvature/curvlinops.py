@@ -28,6 +28,11 @@ from curvlinops import (
 from torch import Tensor, nn
 
 from laplace.curvature._functional import batch_size
+from laplace.curvature._used_params import (
+    PaddedOperator,
+    reached_parameters,
+    used_positions,
+)
 from laplace.curvature.curvature import (
     CurvatureInterface,
     EFInterface,
@@ -88,10 +93,10 @@ class CurvlinopsInterface(CurvatureInterface):
 
     # -- hooks for subclasses ------------------------------------------------------
     def _operator(
-        self, x: Input, y: Tensor, options: dict[str, Any]
+        self, x: Input, y: Tensor, params: list[nn.Parameter], options: dict[str, Any]
     ) -> tuple[Operator, float]:
-        """The dense-curvature operator on ``[(x, y)]`` and its scale;
-        ``options`` are the per-call keywords merged over the constructor's."""
+        """The dense-curvature operator w.r.t. ``params`` on ``[(x, y)]`` and its
+        scale; ``options`` are the per-call keywords merged over the constructor's."""
         raise NotImplementedError(_ABSTRACT)
 
     def _kfac_type(self, options: dict[str, Any]) -> tuple[dict, float]:
@@ -134,20 +139,41 @@ class CurvlinopsInterface(CurvatureInterface):
         # Round-off makes the product slightly asymmetric; callers factorise it.
         return 0.5 * (H + H.T)
 
-    def _forward_loss(self, x: Input, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._loss(self._module(x), y)
+    def _used_parameters(self, x: Input, y: Tensor) -> tuple[Tensor, list[bool]]:
+        """Loss `()` of the batch and which of ``self.params`` its forward pass
+        uses (see :mod:`laplace.curvature._used_params`)."""
+        with torch.enable_grad():
+            f = self._module(x)
+        return self._loss(f.detach(), y), reached_parameters(f, self.params)
+
+    def curvature_operator(
+        self, x: Input, y: Tensor, **kwargs: Any
+    ) -> tuple[Tensor, Any, float]:
+        """Loss `()` of the batch, its curvature as an operator (``op @ V`` for
+        ``V`` of shape `(P, k)`) and the operator's scale. Parameters the forward
+        pass does not use get zero rows and columns (prior only). Per-call
+        keywords as for :meth:`full`."""
+        options = self._options("full", kwargs)
+        y = self._targets(y)
+        loss, used = self._used_parameters(x, y)
+        params = self.params
+        if all(used):
+            return (loss, *self._operator(x, y, params, options))
+        op, scale = None, 1.0
+        if any(used):
+            used_params = [p for p, u in zip(params, used) if u]
+            op, scale = self._operator(x, y, used_params, options)
+        n = sum(p.numel() for p in params)
+        return loss, PaddedOperator(op, used_positions(params, used), n), scale
 
     def full(self, x: Input, y: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         """Loss `()` and dense curvature `(P, P)` from the operator; per-call
         keywords (``mc_samples`` of a stochastic CurvlinopsGGN) override the
         constructor's."""
-        options = self._options("full", kwargs)
-        y = self._targets(y)
-        op, scale = self._operator(x, y, options)
+        loss, op, scale = self.curvature_operator(x, y, **kwargs)
         with torch.enable_grad():
             H = self._dense(op)
-        return self._forward_loss(x, y), scale * H
+        return loss, scale * H
 
     def kron(self, x: Input, y: Tensor, N: int, **kwargs) -> tuple[Tensor, Kron]:
         """Loss `()` and KFAC; input factors are normalised by ``N``.
@@ -167,12 +193,17 @@ class CurvlinopsInterface(CurvatureInterface):
             raise ValueError(f"N (data set size) must be a positive int, got {N!r}.")
         y = self._targets(y)
         module, params = self._module, self.params
-        _check_kfac_layers(module)
+        loss, used = self._used_parameters(x, y)
+        # parameters the batch does not use keep zero factors (prior only)
+        used_params = [p for p, u in zip(params, used) if u]
+        _check_kfac_layers(module, {id(p) for p in used_params})
+        if not used_params:
+            return loss, Kron.init_from_model(params)
         kfac_kwargs, scale = self._kfac_type(options)
         op = KFACLinearOperator(
             module,
             self.lossfunc,
-            params,
+            used_params,
             [(x, y)],
             check_deterministic=False,
             kfac_approx=options["kfac_approx"],
@@ -182,15 +213,14 @@ class CurvlinopsInterface(CurvatureInterface):
             batch_size_fn=lambda X: batch_size(X, self.dict_key_x),
             **kfac_kwargs,
         )
-        outputs: list[Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-        try:
-            with torch.enable_grad():
-                op.compute_kronecker_factors()
-        finally:
-            handle.remove()
-        loss = self._loss(outputs[0].detach(), y)
-        return loss, _kron_from_state(op, params, module, scale)
+        with torch.enable_grad():
+            op.compute_kronecker_factors()
+        found = iter(_kron_from_state(op, used_params, module, scale).kfacs)
+        blocks = [
+            next(found) if u else Kron.init_from_model([p]).kfacs[0]
+            for p, u in zip(params, used)
+        ]
+        return loss, Kron(blocks)
 
 
 class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
@@ -245,9 +275,13 @@ class CurvlinopsGGN(CurvlinopsInterface, GGNInterface):
         return {"kfac_approx": self.kfac_approx} if method == "kron" else {}
 
     def _operator(
-        self, x: Input, y: Tensor, options: dict[str, Any]
+        self,
+        x: Input,
+        y: Tensor,
+        params: list[nn.Parameter],
+        options: dict[str, Any],
     ) -> tuple[Operator, float]:
-        args = (self._module, self.lossfunc, self.params, [(x, y)])
+        args = (self._module, self.lossfunc, params, [(x, y)])
         if self.stochastic:
             op = FisherMCLinearOperator(
                 *args,
@@ -275,12 +309,16 @@ class CurvlinopsEF(CurvlinopsInterface, EFInterface):
     """Empirical Fisher via curvlinops (``EFLinearOperator``, empirical KFAC)."""
 
     def _operator(
-        self, x: Input, y: Tensor, options: dict[str, Any]
+        self,
+        x: Input,
+        y: Tensor,
+        params: list[nn.Parameter],
+        options: dict[str, Any],
     ) -> tuple[Operator, float]:
         op = EFLinearOperator(
             self._module,
             self.lossfunc,
-            self.params,
+            params,
             [(x, y)],
             **self._operator_kwargs(x),
         )
@@ -294,12 +332,16 @@ class CurvlinopsHessian(CurvlinopsInterface):
     """Exact Hessian of the loss via curvlinops' ``HessianLinearOperator``."""
 
     def _operator(
-        self, x: Input, y: Tensor, options: dict[str, Any]
+        self,
+        x: Input,
+        y: Tensor,
+        params: list[nn.Parameter],
+        options: dict[str, Any],
     ) -> tuple[Operator, float]:
         op = HessianLinearOperator(
             self._module,
             self.lossfunc,
-            self.params,
+            params,
             [(x, y)],
             **self._operator_kwargs(x),
         )
@@ -327,12 +369,13 @@ def _check_kfac_approx(kfac_approx: Any) -> str:
     return kfac_approx
 
 
-def _check_kfac_layers(module: nn.Module) -> None:
-    """Refuse parameters KFAC cannot represent instead of being silently wrong."""
+def _check_kfac_layers(module: nn.Module, used: set[int] | None = None) -> None:
+    """Refuse parameters KFAC cannot represent instead of being silently wrong;
+    with ``used`` (parameter ids) only those are checked."""
     owners: dict[int, str] = {}
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or (used is not None and id(p) not in used):
                 continue
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             if id(p) in owners:

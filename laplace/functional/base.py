@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import vmap
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace, eval_mode
 from laplace.curvature._loss_sqrt import exact_sqrt_fn
@@ -28,6 +27,8 @@ from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
 from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure
 from laplace.utils.functional_utils import draw_gaussian
+from laplace.utils.model_checks import check_model_output
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import normal_samples
 
 __all__ = ["BaseFunctionalLaplace"]
@@ -148,6 +149,19 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         y = self._check_targets(y, f.shape[-1])
         return self.backend._loss(f, y).to(self._dtype)
 
+    def _check_model_outputs(self, X: Inputs) -> int:
+        with torch.no_grad(), eval_mode(self.model):
+            out = check_model_output(self.model(X), self.likelihood)
+        self._outputs_checked = True
+        return out.shape[-1]
+
+    def _check_first_batch(self, train_loader: Iterable) -> None:
+        """Check the model's outputs on the first batch of ``train_loader``."""
+        X, _ = next(self._batches(train_loader), (None, None))
+        if X is None:
+            raise ValueError("train_loader yielded no batches.")
+        self._check_model_outputs(X)
+
     # ---- predictive -----------------------------------------------------------------------
     def _classifies(self, fitting: bool) -> bool:
         if self.likelihood is Likelihood.REWARD_MODELING:
@@ -221,6 +235,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         ``(batch * O, batch * O)`` over all inputs and outputs."""
         self._check_fitted()
         x = to_device(x, self._device)
+        self._check_outputs_once(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             return self._moments(x, joint)
 

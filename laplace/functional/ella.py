@@ -34,6 +34,7 @@ from laplace.functional.base import (
     _check_zero_prior_mean,
     _positive_int,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
 from laplace.utils.enums import Likelihood, PredType
 from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
@@ -126,6 +127,7 @@ class ELLA(BaseFunctionalLaplace):
     # ---- fit ---------------------------------------------------------------------------
     @atomic
     @preserve_model_gradients
+    @autograd_enabled
     def fit(
         self,
         train_loader: Iterable,
@@ -143,6 +145,7 @@ class ELLA(BaseFunctionalLaplace):
         kept (early stopping). ``balanced=True`` draws a class-balanced subsample
         (classification).
         """
+        self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         if self.subsample_size > n_total:
             raise ValueError(

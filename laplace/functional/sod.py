@@ -33,6 +33,7 @@ from laplace.functional.base import (
     _check_seed,
     _positive_int,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
@@ -43,6 +44,7 @@ from laplace.utils.functional_utils import (
     subset_loader,
 )
 from laplace.utils.linalg import symeig
+from laplace.utils.model_checks import check_extractor_output, check_untied_last_layer
 from laplace.utils.subsets import random_subset_indices
 
 __all__ = ["FunctionalLaplace", "FunctionalLLLaplace"]
@@ -133,6 +135,7 @@ class FunctionalLaplace(BaseFunctionalLaplace):
 
     # ---- fit ---------------------------------------------------------------------------
     @atomic
+    @autograd_enabled
     @preserve_model_gradients
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``
@@ -175,7 +178,9 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         )
 
     def _before_fit(self, train_loader: Iterable) -> None:
-        """Hook run before the subset pass (e.g. to find the last layer)."""
+        """Hook run before the subset pass: check the model's outputs (and find
+        the last layer)."""
+        self._check_first_batch(train_loader)
 
     def _factorization(self, J: torch.Tensor, f: torch.Tensor) -> dict[str, Any]:
         """``G = L^T J`` ``(M, O, P)`` and the eigendecomposition of ``G G^T``
@@ -282,6 +287,8 @@ class FunctionalLaplace(BaseFunctionalLaplace):
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         X = to_device(detached_copy(state_dict["subset_inputs"]), self._device)
         n = batch_size(X, self.dict_key_x)
+        # the model runs here for the first time: check its outputs first
+        self._check_model_outputs(select_rows(X, slice(0, _CHUNK), n))
         jacobians, outputs = [], []
         with eval_mode(self.model), model_inputs_entry("subset_inputs"):
             for start in range(0, n, _CHUNK):
@@ -358,6 +365,9 @@ class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
             # found on the first batch of fit()
             self.params, self.mean, self.n_params, self.n_layers = [], None, None, 0
             return
+        check_untied_last_layer(
+            self.model.model, self.model.last_layer, self.model.last_layer_name
+        )
         super()._init_params()
 
     def _treated_parameters(self) -> list[nn.Parameter]:
@@ -367,16 +377,27 @@ class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
         return {**super()._backend_init_kwargs(), "last_layer": True}
 
     def _before_fit(self, train_loader: Iterable) -> None:
-        # fit() runs in a transaction: a failing fit forgets the layer found here
-        if self.model.last_layer is not None:
-            return
         X, _ = next(self._batches(train_loader), (None, None))
         if X is None:
             raise ValueError("train_loader yielded no batches.")
-        with torch.no_grad():
-            self.model.find_last_layer(X)
-        self._backend = None
-        self._init_params()
+        if self.model.last_layer is None:
+            with torch.no_grad(), eval_mode(self.model):
+                out, phi = self.model.find_last_layer_with_features(X)
+            self._backend = None
+            self._init_params()
+            self._check_last_layer_outputs(out, phi)
+        else:
+            self._check_model_outputs(X)
+
+    def _check_model_outputs(self, X: Inputs) -> int:
+        with torch.no_grad(), eval_mode(self.model):
+            out, phi = self.model.forward_with_features(X)
+        return self._check_last_layer_outputs(out, phi)
+
+    def _check_last_layer_outputs(self, out: Any, phi: torch.Tensor) -> int:
+        f = check_extractor_output(self.model, out, phi, self.likelihood)
+        self._outputs_checked = True
+        return f.shape[-1]
 
     def _jacobians(
         self, x: Inputs, enable_backprop: bool | None = None

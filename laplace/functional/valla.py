@@ -57,6 +57,7 @@ from laplace.functional.sparse_gp import (
     unpack_lower,
     variational_covariance,
 )
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import Likelihood
 from laplace.utils.functional_utils import preserve_model_gradients, select_rows
@@ -178,6 +179,7 @@ class VaLLA(BaseFunctionalLaplace):
     # ---- fit ---------------------------------------------------------------------------
     @atomic
     @preserve_model_gradients
+    @autograd_enabled
     def fit(
         self,
         train_loader: Iterable,
@@ -200,6 +202,7 @@ class VaLLA(BaseFunctionalLaplace):
         _positive_int(iterations, "iterations")
         if val_steps is not None:
             _positive_int(val_steps, "val_steps")
+        self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         with eval_mode(self.model):
             if override or not self.is_fitted:
@@ -428,9 +431,10 @@ class VaLLA(BaseFunctionalLaplace):
     def _load_own_state(self, state_dict: dict[str, Any]) -> None:
         classes = state_dict["inducing_classes"].clone()
         self.inducing_classes = classes if classes.numel() else None
-        Z = detached_copy(state_dict["inducing_inputs"])
+        Z = to_device(detached_copy(state_dict["inducing_inputs"]), self._device)
+        self._check_model_outputs(Z)  # the model runs here for the first time
         with eval_mode(self.model), model_inputs_entry("inducing_inputs"):
-            self._set_inducing(to_device(Z, self._device))
+            self._set_inducing(Z)
         k = len(self._J_Z)
         if state_dict["L"].shape != (k * (k + 1) // 2,):
             raise ValueError(

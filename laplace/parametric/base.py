@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.base import BaseLaplace, atomic, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.checkpoint import ParametricCheckpointMixin
 from laplace.parametric.prediction import ParametricPredictionMixin
+from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.enums import Likelihood
+from laplace.utils.model_checks import check_model_output
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import expand_to_parameters
 
 __all__ = ["ParametricLaplace"]
@@ -138,6 +140,7 @@ class ParametricLaplace(
 
     # ---- fit --------------------------------------------------------------------------
     @atomic
+    @autograd_enabled
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
     ) -> None:
@@ -256,12 +259,22 @@ class ParametricLaplace(
             return self.model(X)
 
     def _prepare_batch(self, X: Any, y: torch.Tensor) -> tuple[Any, torch.Tensor]:
-        """Learn ``n_outputs`` on the first batch and check the targets against it."""
-        if self.n_outputs is None:
-            # reward models output one reward per item; pairs give two logits
-            rewards = self.likelihood is Likelihood.REWARD_MODELING
-            self.n_outputs = 1 if rewards else int(self._model_outputs(X).shape[-1])
+        """Check the model's outputs and learn ``n_outputs`` on the first batch;
+        check the targets against it."""
+        if self.n_outputs is None or not self._outputs_checked:
+            self.n_outputs = self._check_model_outputs(X)
         return X, self._check_targets(y)
+
+    def _check_model_outputs(self, X: Any) -> int:
+        """Check the model's outputs on ``X`` (see model_checks); ``n_outputs``."""
+        out = check_model_output(self._laplace_outputs(X), self.likelihood)
+        self._outputs_checked = True
+        # reward models output one reward per item; pairs give two logits
+        return 1 if self.likelihood is Likelihood.REWARD_MODELING else out.shape[-1]
+
+    def _laplace_outputs(self, X: Any) -> Any:
+        """The outputs to linearise, after checks particular to the subset."""
+        return self._model_outputs(X)
 
     def _check_finite_fit(self, loss: Any, H: Any) -> None:
         if not torch.isfinite(torch.as_tensor(loss)).all():

@@ -15,7 +15,8 @@ so no per-sample gradient of the whole network is ever formed. The dense GGN of
 single-position layers sums Kronecker products per sample
 (:mod:`laplace.parametric.dense_ggn_factors`); KFAC sums ``G`` over one chunk of
 seeds at a time. A bare ``nn.Linear`` (the last layer of last-layer Laplace, on
-its features) needs no autograd at all: its output gradients are the roots.
+its features) needs no autograd at all and no roots either
+(:mod:`laplace.parametric.last_layer_ggn`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from laplace.parametric.dense_ggn_factors import (
     full_ggn_from_products,
     single_position,
 )
+from laplace.parametric.last_layer_ggn import linear_layer_ggn
 from laplace.parametric.layer_factors import (
     LayerFactors,
     forward_with_factors,
@@ -83,26 +85,6 @@ def _gram(x: Tensor, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
     return sum(torch.bmm(c, c.mT).sum(0) for c in cols.split(step)) * scale
 
 
-def _linear_factors(
-    model: nn.Module,
-    plan: list[LayerFactors],
-    x: Tensor | MutableMapping,
-    roots_fn: Callable[[Tensor], Tensor],
-) -> Tensor | None:
-    """Outputs of a bare ``nn.Linear`` on ``(batch, in)`` inputs (a last layer on
-    its features), with its factors in closed form: ``a = x`` and, since the
-    layer output is the network output, ``g`` the roots themselves; ``None``
-    for any other network."""
-    if type(model) is not nn.Linear or not isinstance(x, Tensor) or x.ndim != 2:
-        return None
-    with torch.no_grad():
-        f = model(x)
-    (layer,) = plan
-    layer.a = x.detach().unsqueeze(1)
-    layer.g = roots_fn(f).mT.unsqueeze(2)  # (batch, C, 1, out)
-    return f
-
-
 def _seeded_forward(
     model: nn.Module,
     params: list[Tensor],
@@ -117,9 +99,6 @@ def _seeded_forward(
     plan = layer_plan(model, params)
     if plan is None:
         return None
-    f = _linear_factors(model, plan, x, roots_fn)
-    if f is not None:
-        return f, plan, iter([None])
     n = batch_size(x, dict_key_x)
     f = forward_with_factors(model, plan, x, n, keep_graph=False)
     if f is None:
@@ -277,6 +256,19 @@ def exact_ggn_closure(
         return None
     # a last-layer backend sees the features as inputs of the last layer
     module = la.model.last_layer if backend.last_layer else la.model
+    if type(module) is nn.Linear and isinstance(X, Tensor) and X.ndim == 2:
+        # a bare linear layer: closed form in the loss Hessian, no roots
+        f, H = linear_layer_ggn(
+            module,
+            la.params,
+            X,
+            la.likelihood,
+            method,
+            N,
+            la.glm_chunk_elements,
+            la._dtype,
+        )
+        return (backend.factor * backend.lossfunc(f, y)).detach(), H
     route = {
         "diag": diag_ggn_by_layers,
         "full": full_ggn_by_layers,

@@ -134,7 +134,9 @@ class ParametricPredictionMixin:
                     f"x has dtype {x.dtype} but the model's parameters are "
                     f"{model_dtype}; cast the inputs with x.to({model_dtype})."
                 )
-        return to_device(x, self._device)
+        x = to_device(x, self._device)
+        self._check_outputs_once(x)
+        return x
 
     def _glm_predictive_distribution(
         self, x: Inputs, joint: bool = False, diagonal_output: bool = False

@@ -52,6 +52,8 @@ class FeatureExtractor(nn.Module):
         )
         self.last_layer: nn.Module | None = None
         self.last_layer_name: str | None = None
+        #: How often the last layer ran in the latest forward pass with features.
+        self.last_layer_calls = 0
         if last_layer_name is not None:
             self.set_last_layer(last_layer_name)
 
@@ -68,19 +70,32 @@ class FeatureExtractor(nn.Module):
         if self.last_layer is None:
             self.find_last_layer(x)
         captured: dict[str, torch.Tensor] = {}
+        calls = [0]
 
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
             captured["features"] = inputs[0]
+            calls[0] += 1
 
         handle = self.last_layer.register_forward_pre_hook(hook)
         try:
             out = self.model(x)
         finally:
             handle.remove()
+        self.last_layer_calls = calls[0]
+        if not calls[0]:
+            raise ValueError(
+                f"The last layer {self.last_layer_name!r} was not called in the "
+                "forward pass; pass the last_layer_name of a layer the model uses."
+            )
         features = captured["features"]
         if not self.enable_backprop:
             features = features.detach()
         return out, self._reduce(features)
+
+    def reduce_like_features(self, values: torch.Tensor) -> torch.Tensor:
+        """Reduce ``values`` ``(batch, seq, ...)`` over the sequence as the features
+        are (e.g. a model output computed from unreduced features)."""
+        return self._reduce(values)
 
     def _reduce(self, features: torch.Tensor) -> torch.Tensor:
         """Features ``(B, *middle, D)`` -> ``(B, D)`` over all middle dims:
@@ -154,6 +169,7 @@ class FeatureExtractor(nn.Module):
             )
         name, features = called[-1], last_input[0]
         self.set_last_layer(name)
+        self.last_layer_calls = called.count(name)
         if not isinstance(self.last_layer, nn.Linear):
             raise ValueError(
                 f"The automatically found last layer {name!r} is a "

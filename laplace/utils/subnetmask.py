@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.utils.data import split_batch, to_device
 from laplace.utils.enums import Likelihood
 from laplace.utils.errors import UnknownKeyError
 from laplace.utils.feature_extractor import FeatureExtractor
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.utils import trainable_parameters
 

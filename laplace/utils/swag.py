@@ -8,9 +8,9 @@ from copy import deepcopy
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 
 from laplace.utils.data import split_batch, to_device
+from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import trainable_parameters
 
 __all__ = ["fit_diagonal_swag_var"]
