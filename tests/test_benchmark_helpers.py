@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -175,14 +177,23 @@ def test_fit_only_workloads_have_the_issue_sizes():
     assert "cnn-clf-4k/last_layer/kron" in configs
 
 
-def test_floor_operations_run_and_leave_the_model_alone(monkeypatch):
-    # a tiny data size: only the bookkeeping is tested, not the timing
-    small = workloads.Workload("mlp-reg", "regression", (1,), 1, n_train=8)
-    monkeypatch.setitem(workloads.WORKLOADS, "mlp-reg", small)
-    funcs = workloads.operations("mlp-reg/floor", "cpu")
+def test_floor_functions_count_passes_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))
+    X, y = torch.randn(10, 3), torch.randint(5, (10,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)  # 3 batches
+    before = [p.detach().clone() for p in model.parameters()]
+    backward_calls = []
+    model[2].register_full_backward_hook(lambda *_: backward_calls.append(1))
+    funcs = workloads.floor_functions(model, loader, "classification")
     assert set(funcs) == set(workloads.FLOOR_OPS)
-    for func in funcs.values():
-        func()
+    expected_passes = {"fwd": 0, "fwd+bwd": 3, "fwd+Cbwd": 3 * 5}
+    for op, passes in expected_passes.items():
+        backward_calls.clear()
+        funcs[op]()
+        assert len(backward_calls) == passes, op
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---- worker output ---------------------------------------------------------------------
