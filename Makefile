@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-scaling bench-realsize clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix laplace tests examples benchmarks
 	$(VENV)/bin/ruff format laplace tests examples benchmarks
 
+# The benchmarks compare with laplace-torch 0.3 when COMPARE names an interpreter
+# that has it (benchmarks/README.md): make bench COMPARE=/tmp/lt/bin/python
+BENCH_COMPARE = $(if $(COMPARE),--compare $(COMPARE))
+
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_COMPARE)
+
+# cost curves; writes docs/img/scaling_*.png and the tables of docs/scaling.md
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/scaling.py $(BENCH_COMPARE) --docs
+
+# WideResNet-16-4 and MiniLM-L6 + LoRA; writes the table of benchmarks/README.md
+bench-realsize: $(STAMP)
+	$(PY) benchmarks/realsize.py $(BENCH_COMPARE) --readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info

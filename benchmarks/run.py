@@ -7,10 +7,16 @@ Usage::
     python benchmarks/run.py                          # this library only
     python benchmarks/run.py --compare /tmp/lt/bin/python
     python benchmarks/run.py --configs mlp-clf/all/diag --ops fit --repeats 5
+    python benchmarks/run.py --configs mlp-clf-6k/last_layer/kron cnn-clf-4k/all/kron
 
 Each configuration runs in a fresh worker process (``--worker``), so the peak
-memory of one configuration does not leak into the next. A worker only uses the
-laplace-torch-compatible public API, so the same file runs under either library.
+memory of one configuration does not leak into the next. Before the fits of a
+workload, its floor runs (``<workload>/floor``: a forward epoch, a forward+backward
+epoch and a forward epoch with one backward pass per output, plain torch on the same
+model, data and batch size), and every fit is also reported as a multiple of its
+floor (last-layer fits: one forward epoch; all-weights fits: forward + C backward
+passes). A worker only uses the laplace-torch-compatible public API, so the same
+file runs under either library (the floor runs once, under this interpreter).
 Timings are medians over ``--repeats`` runs after a warm-up run (fewer when they
 exceed ``--budget`` seconds; a warm-up longer than half the budget is the only
 run); peak memory is measured during the warm-up run only (the timed runs go
@@ -23,112 +29,53 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from harness import (
+    WorkerResult,
+    emit,
+    library_version,
+    measure,
+    run_worker,
+    set_threads,
+    stop_workers_on_sigterm,
+)
+from workloads import (
+    CONFIGS,
+    FLOOR_OPS,
+    OPS,
+    floor_config,
+    floor_multiple,
+    floor_op,
+    operations,
+)
 
 HERE = Path(__file__).resolve().parent
 
 
 # ---- worker ------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory above the starting level while the context is open, in bytes."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start = self.high = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.001):
-            self.high = max(self.high, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-            return
-        self._stop.set()
-        self._thread.join()
-        self.high = max(self.high, _rss_bytes())
-        self.peak = self.high - self.start
-
-
-def _timed(func, device: str) -> float:
-    import torch
-
-    start = time.perf_counter()
-    func()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def run_worker(config: str, ops: list[str], device: str, repeats: int, budget: float):
-    """Time ``ops`` of ``config`` and print one JSON line per operation."""
-
-    sys.path.insert(0, str(HERE))
-    from workloads import operations
-
-    import laplace
-
-    info = {"config": config, "laplace": getattr(laplace, "__version__", "?")}
-    try:
-        funcs = operations(config, device)
-    except Exception as err:  # report, e.g. a configuration a library lacks
-        print(json.dumps({**info, "op": "setup", "error": repr(err)[:200]}), flush=True)
-        return
-    for op in ops:
-        times, peak = [], 0
+def run_configs(configs: list[str], ops: list[str], args) -> None:
+    """Time ``ops`` of each configuration and print one JSON line per operation
+    (operations a configuration does not have are left out)."""
+    for config in configs:
+        info = {"config": config, "laplace": library_version()}
         try:
-            # The first run warms up (lazy initialisation, allocator, kernels) and
-            # measures peak memory; its time only counts when it alone takes half
-            # the budget. Timed runs go without the memory poller, whose thread
-            # competes for the GIL and would slow millisecond operations.
-            with PeakMemory(device) as mem:
-                elapsed = _timed(funcs[op], device)
-            peak = mem.peak
-            if elapsed > budget / 2:
-                times.append(elapsed)
-            while len(times) < repeats and sum(times) < budget:
-                times.append(_timed(funcs[op], device))
-            result = {"median_s": statistics.median(times), "runs": len(times)}
-            result["peak_mb"] = peak / 2**20
-        except Exception as err:
-            result = {"error": repr(err)[:200]}
-        print(json.dumps({**info, "op": op, **result}), flush=True)
+            funcs = operations(config, args.device)
+        except Exception as err:  # report, e.g. a configuration a library lacks
+            emit({**info, "op": "setup", "error": repr(err)[:200]})
+            continue
+        wanted = FLOOR_OPS if config.endswith("/floor") else ops
+        for op in wanted:
+            if op in funcs:
+                result = measure(funcs[op], args.device, args.repeats, args.budget)
+                emit({**info, "op": op, **result})
 
 
 # ---- driver ------------------------------------------------------------------------
-def run_config(python: str, config: str, args) -> dict[str, dict]:
-    cmd = [
-        python,
-        str(HERE / "run.py"),
-        "--worker",
+def run_config(python: str, config: str, args, *, ours: bool) -> dict[str, dict]:
+    """``{op: row}`` of ``config`` measured in a fresh worker under ``python``."""
+    worker_args = [
         "--configs",
         config,
         "--ops",
@@ -142,17 +89,22 @@ def run_config(python: str, config: str, args) -> dict[str, dict]:
         "--threads",
         str(args.threads),
     ]
-    # a clean path: the worker must import the interpreter's own `laplace`
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            rows[row["op"]] = row
-    if not rows:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        rows["setup"] = {"error": tail[0][:200]}
+    result: WorkerResult = run_worker(
+        python,
+        HERE / "run.py",
+        worker_args,
+        ours=ours,
+        timeout=args.timeout or None,
+        mem_limit_gb=args.mem_limit or None,
+    )
+    rows = {row["op"]: row for row in result.rows}
+    if result.status != "ok" or not rows:
+        # the operation running when the worker stopped gets the reason
+        reason = result.message or "no output"
+        wanted = FLOOR_OPS if config.endswith("/floor") else args.ops
+        missing = [op for op in wanted if op not in rows]
+        key = missing[0] if rows and missing else "setup"
+        rows[key] = {"error": f"{result.status}: {reason}"}
     return rows
 
 
@@ -174,10 +126,19 @@ def _ratio(theirs: dict | None, ours: dict | None, key: str) -> str:
     return f"{theirs[key] / ours[key]:.1f}x"
 
 
-def main() -> None:
-    sys.path.insert(0, str(HERE))
-    from workloads import CONFIGS, OPS
+def _seconds(row: dict | None) -> float | None:
+    return None if row is None or "error" in row else row["median_s"]
 
+
+def _fmt_multiple(multiple: float | None) -> str:
+    return "-" if multiple is None else f"{multiple:.2f}x"
+
+
+def _print_row(cells: list[str]) -> None:
+    print(" | ".join(cells), flush=True)
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", metavar="PYTHON", help="second interpreter")
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
@@ -192,41 +153,102 @@ def main() -> None:
         help="torch CPU threads per worker (0: torch's default); one thread keeps "
         "timings stable on a shared machine",
     )
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time each workload's floor and report fits as multiples of it",
+    )
+    parser.add_argument(
+        "--floor-target",
+        type=float,
+        default=1.5,
+        help="list the fits above this multiple of their floor at the end",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=0,
+        help="seconds per worker (one configuration, all its ops; 0: no limit); "
+        "a worker over it is stopped and its remaining ops reported as errors",
+    )
+    parser.add_argument(
+        "--mem-limit",
+        type=float,
+        default=0,
+        help="address-space limit per worker in GB (0: none); an allocation "
+        "beyond it fails as an error instead of invoking the OOM killer",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write all rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        if args.threads > 0:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        for config in args.configs:
-            run_worker(config, args.ops, args.device, args.repeats, args.budget)
+        set_threads(args.threads)
+        run_configs(args.configs, args.ops, args)
         return
+    stop_workers_on_sigterm()
 
-    head = ["config", "op", "ours s", "ours MB"]
+    head = ["config", "op", "ours s", "ours MB", "ours x floor"]
     if args.compare:
-        head += ["theirs s", "theirs MB", "speed-up", "mem ratio"]
-    print(" | ".join(head), flush=True)
-    print(" | ".join("---" for _ in head), flush=True)
-    everything = []
+        head += ["theirs s", "theirs MB", "theirs x floor", "speed-up", "mem ratio"]
+    _print_row(head)
+    _print_row(["---"] * len(head))
+    everything, floors, over, errors, n_fits = [], {}, [], [], 0
     for config in args.configs:
-        ours = run_config(sys.executable, config, args)
-        theirs = run_config(args.compare, config, args) if args.compare else {}
+        if args.floor and "fit" in args.ops and floor_config(config) not in floors:
+            # the floor is plain torch: measured once, under this interpreter
+            name = floor_config(config)
+            floors[name] = run_config(sys.executable, name, args, ours=True)
+            everything.append({"config": name, "ours": floors[name], "theirs": {}})
+            forward = _seconds(floors[name].get("fwd"))
+            for op in FLOOR_OPS:
+                row = floors[name].get(op)
+                cells = [name, op, _fmt_time(row), _fmt_mem(row)]
+                # a floor row's multiple is that of the forward epoch
+                cells.append(_fmt_multiple(floor_multiple(_seconds(row), forward)))
+                if row is not None and "error" in row:
+                    errors.append(f"{name} {op}: {row['error']}")
+                if args.compare:
+                    cells += ["-"] * 5
+                _print_row(cells)
+        ours = run_config(sys.executable, config, args, ours=True)
+        theirs = {}
+        if args.compare:
+            theirs = run_config(args.compare, config, args, ours=False)
         everything.append({"config": config, "ours": ours, "theirs": theirs})
+        floor_row = floors.get(floor_config(config), {}).get(floor_op(config))
         for op in ["setup", *args.ops]:
-            if op == "setup" and "setup" not in ours and "setup" not in theirs:
-                continue
             mine, other = ours.get(op), theirs.get(op)
+            if mine is None and other is None:
+                continue
+            for side, row in (("ours", mine), ("theirs", other)):
+                if row is not None and "error" in row:
+                    errors.append(f"{config} {op} ({side}): {row['error']}")
+            mine_x = other_x = None
+            if op == "fit":
+                mine_x = floor_multiple(_seconds(mine), _seconds(floor_row))
+                other_x = floor_multiple(_seconds(other), _seconds(floor_row))
+                n_fits += mine_x is not None
+                if mine_x is not None and mine_x > args.floor_target:
+                    over.append(f"{config} ({mine_x:.2f}x)")
             cells = [config, op, _fmt_time(mine), _fmt_mem(mine)]
+            cells.append(_fmt_multiple(mine_x))
             if args.compare:
                 cells += [
                     _fmt_time(other),
                     _fmt_mem(other),
+                    _fmt_multiple(other_x),
                     _ratio(other, mine, "median_s"),
                     _ratio(other, mine, "peak_mb"),
                 ]
-            print(" | ".join(cells), flush=True)
+            _print_row(cells)
+    if errors:
+        print("\nerrors:\n" + "\n".join(f"- {e}" for e in errors))
+    if n_fits:
+        target = f"{args.floor_target:g}x"
+        print(f"\n{n_fits - len(over)} of {n_fits} fits within {target} their floor")
+        if over:
+            print("above: " + ", ".join(over))
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
 
