@@ -182,13 +182,20 @@ class LLLaplace(ParametricLaplace):
         )
 
     def _jacobians(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._jacobians_and_output(x)
+
+    def _jacobians_and_output(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer Jacobians and outputs of one forward pass over the batch
+        (for features ``(batch, seq, D)`` reduced to ``(batch, D)``: the last
+        layer applied to the reduced features)."""
         if self.likelihood is Likelihood.REWARD_MODELING:
-            features = self._features(x)
+            with torch.set_grad_enabled(self.enable_backprop):
+                out, features = self.model.forward_with_features(x)
             if features.ndim == 3:  # preference pairs: Jacobians of both logits
-                Js, f = self._pair_backend().jacobians(
+                Js, _ = self._pair_backend().jacobians(
                     features, enable_backprop=self.enable_backprop
                 )
-                return Js.to(self._dtype), f
+                return Js.to(self._dtype), out
         Js, f = self.backend.last_layer_jacobians(
             x, enable_backprop=self.enable_backprop
         )

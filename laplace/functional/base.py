@@ -147,6 +147,14 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         Js, f = self.backend.jacobians(x, enable_backprop=backprop)
         return Js.to(self._dtype), f.to(self._dtype)
 
+    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, O, P)`` and the network output ``(batch, O)`` of one
+        forward pass over the batch, ``model(x)``: the predictive mean. (The
+        Jacobian routes evaluate the network per sample, which may round
+        differently.)"""
+        Js, _ = self._jacobians(x)
+        return Js, self.model(x)
+
     def _lambda_sqrt(self, f: torch.Tensor) -> torch.Tensor | None:
         """``L_n`` with ``L_n L_n^T`` the output Hessian of the loss (the GGN's
         Lambda) at outputs ``f`` ``(batch, O)``: ``(batch, O, O)``, ``None`` for
@@ -242,7 +250,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
             return self._moments(x, joint)
 
     def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        Js, f = self._jacobians(x)
+        Js, f = self._jacobians_and_output(x)
         if joint:
             return f.flatten(), self.functional_covariance(Js)
         return f, self.functional_variance(Js)

@@ -358,6 +358,10 @@ class FunctionalLLLaplace(FunctionalLaplace):
         Js, f = self.backend.last_layer_jacobians(x, enable_backprop=backprop)
         return Js.to(self._dtype), f.to(self._dtype)
 
+    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        # the last-layer Jacobians come with the outputs of one forward pass
+        return self._jacobians(x)
+
     def _own_state(self) -> dict[str, Any]:
         return {**super()._own_state(), "last_layer_name": self.model.last_layer_name}
 

@@ -24,6 +24,7 @@ from laplace.parametric.sampling import (
     softmax_mean,
 )
 from laplace.predictive import glm_link
+from laplace.utils.data import batch_size
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.utils import normal_samples
 
@@ -139,25 +140,41 @@ class ParametricPredictionMixin:
     def _glm_predictive_distribution(
         self, x: Inputs, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(batch, n_outputs)`` and covariance of the linearised network.
+        """Mean ``(batch, K)`` and covariance of the linearised network, ``K`` the
+        width of the network's output on ``x``.
 
-        Structures with a cheaper exact route than Jacobians use it (see
-        :meth:`_glm_fast_route`); otherwise Jacobians are formed a chunk of rows
-        at a time, at most ``glm_chunk_elements`` entries at once.
+        The mean is the network's output, ``model(x)`` in one forward pass, so
+        every route (and ``joint``) gives the same numbers. Structures with a
+        cheaper exact route than Jacobians use it (see :meth:`_glm_fast_route`);
+        otherwise Jacobians are formed a chunk of rows at a time, at most
+        ``glm_chunk_elements`` entries at once.
         """
         if joint:
-            Js, f_mu = self._jacobians(x)
+            Js, f_mu = self._jacobians_and_output(x)
             return f_mu.flatten(), self.functional_covariance(Js)
         fast = self._glm_fast_route(x, diagonal_output)
         if fast is not None:
             return fast
         rows = max(1, self.glm_chunk_elements // (self.n_outputs * self.n_params))
-        means, variances = [], []
-        for xc in row_chunks(x, rows, self.dict_key_x):
-            Js, f_mu = self._jacobians(xc)
-            means.append(f_mu)
-            variances.append(self._square_form(Js, diagonal_output))
-        return torch.cat(means), torch.cat(variances)
+        if rows >= batch_size(x, self.dict_key_x):
+            Js, f_mu = self._jacobians_and_output(x)
+            return f_mu, self._square_form(Js, diagonal_output)
+        variances = [
+            self._square_form(self._jacobians(xc)[0], diagonal_output)
+            for xc in row_chunks(x, rows, self.dict_key_x)
+        ]
+        return self._network_output(x), torch.cat(variances)
+
+    def _network_output(self, x: Inputs) -> torch.Tensor:
+        """``model(x)``: the predictive mean, in one forward pass over the batch."""
+        return self.model(x)
+
+    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, K, P)`` and the network output ``(batch, K)`` of
+        :meth:`_network_output` (the Jacobian routes evaluate the network per
+        sample, which may round differently)."""
+        Js, _ = self._jacobians(x)
+        return Js, self._network_output(x)
 
     def _glm_fast_route(
         self, x: Inputs, diagonal: bool
@@ -187,7 +204,6 @@ class ParametricPredictionMixin:
             self.params,
             variance,
             x,
-            self.n_outputs,
             diagonal,
             keep_graph=self.enable_backprop,
             budget=self.glm_chunk_elements,
