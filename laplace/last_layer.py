@@ -231,13 +231,15 @@ class LLLaplace(ParametricLaplace):
             bias = layer.bias
             yield affine_samples(phi, weight, sampled.get(id(bias), bias))
 
-    def functional_variance_fast(self, X: Any) -> torch.Tensor:
-        """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``, in closed
-        form from the features (no Jacobians); ``__call__`` uses the same route."""
+    def functional_variance_fast(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM predictive mean ``f_mu`` ``(batch, n_outputs)`` (the network output)
+        and the diagonal of its variance ``f_var`` ``(batch, n_outputs)``, in
+        closed form from the features (no Jacobians) for full, Kron and diagonal
+        posteriors; ``__call__`` uses the same route."""
         self._check_fitted()
         X = self._to_device(X)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
-            return self._glm_predictive_distribution(X, diagonal_output=True)[1]
+            return self._glm_predictive_distribution(X, diagonal_output=True)
 
     def _glm_fast_route(
         self, x: Any, diagonal: bool

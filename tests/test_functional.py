@@ -377,8 +377,6 @@ def test_misuse_errors():
     for pred_type in ("glm", "nn"):
         with pytest.raises(ValueError, match="pred_type='gp'"):
             la(torch.randn(2, 2), pred_type=pred_type)
-        with pytest.raises(ValueError, match="pred_type='gp'"):
-            la.functional_samples(torch.randn(2, 2), pred_type=pred_type)
     with pytest.raises(ValueError, match="joint"):
         la(torch.randn(2, 2), joint=True)
     with pytest.raises(ValueError, match="sigma_noise"):

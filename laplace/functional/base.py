@@ -268,7 +268,7 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
     def functional_samples(
         self,
         x: Inputs,
-        pred_type: PredType | str = PredType.GP,
+        pred_type: PredType | str = PredType.GLM,
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
@@ -276,8 +276,11 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
     ) -> torch.Tensor:
         """Samples of the latent function, ``(n_samples, batch, O)``; with
         ``joint=True`` correlated across inputs, with ``diagonal_output``
-        independent across outputs."""
-        self._check_pred_type(pred_type)
+        independent across outputs.
+
+        ``pred_type`` may be 'glm', 'nn' or 'gp' (laplace-torch's signature); the
+        samples always come from the GP posterior."""
+        PredType.parse(pred_type, "pred_type")
         self._check_sampling_args(n_samples, generator)
         f_mu, f_var = self.predictive_moments(x, joint=joint)
         if joint:
@@ -289,13 +292,23 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
             f_var = f_var.diagonal(dim1=-2, dim2=-1)
         return normal_samples(f_mu, f_var, n_samples, generator)
 
+    def sample(
+        self, n_samples: int = 100, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Not available: a function-space posterior has no Gaussian over the
+        weights to draw from; use :meth:`functional_samples`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is a posterior over functions, not weights: it "
+            "has no weight samples; draw function values with functional_samples(x)."
+        )
+
     def _output_count(self, flat_mean: torch.Tensor, x: Inputs) -> int:
         return len(flat_mean) // batch_size(x, self.dict_key_x)
 
     def predictive_samples(
         self,
         x: Inputs,
-        pred_type: PredType | str = PredType.GP,
+        pred_type: PredType | str = PredType.GLM,
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
