@@ -15,6 +15,7 @@ from collections.abc import (
 )
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
@@ -176,9 +177,25 @@ def balanced_indices(targets: torch.Tensor, n_subset: int, seed: int) -> torch.T
     return torch.cat([chosen, fill])
 
 
+def sod_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
+    """The subset of data laplace-torch picks: ``n_subset`` distinct indices of
+    ``range(n_data)``, ``numpy.random.default_rng(seed).choice(n_data, n_subset,
+    replace=False)`` in that order, ``(n_subset,)`` int64."""
+    for name, value in (("n_data", n_data), ("n_subset", n_subset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if n_subset > n_data:
+        raise ValueError(
+            f"n_subset={n_subset} exceeds the number of training points {n_data}."
+        )
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.choice(n_data, n_subset, replace=False)).long()
+
+
 class SoDSampler(Sampler[int]):
     """Sampler over a fixed random subset of ``M`` of the ``N`` data points
-    (subset of data), the same subset on every pass.
+    (subset of data, :func:`sod_indices`), the same subset in the same order on
+    every pass.
 
     Parameters
     ----------
@@ -190,7 +207,7 @@ class SoDSampler(Sampler[int]):
     """
 
     def __init__(self, N: int, M: int, seed: int = 0) -> None:
-        self.indices = training_indices(N, M, seed)
+        self.indices = sod_indices(N, M, seed)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices.tolist())
