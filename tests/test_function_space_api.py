@@ -177,3 +177,25 @@ def test_overridden_subset_loader_is_used():
     torch.testing.assert_close(
         la.log_marginal_likelihood(), full.log_marginal_likelihood(), rtol=1e-7, atol=0
     )
+
+
+def test_valla_history_records_the_minimised_loss():
+    """fit_history_['objective'] holds the negative alpha-energy (laplace-torch's
+    sign); the first entry is that of the initial state, S = K_ZZ (the prior)."""
+    model = tiny_net(2)
+    X, y = tiny_data("regression", 2, n=10)
+    la = VaLLA(model, "regression", X[:4], prior_precision=0.7, sigma_noise=0.8)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=10), iterations=3, lr=1e-2)
+    k = 4 * 2
+    L0 = torch.eye(k) / 0.7**0.5
+    rows, cols = torch.tril_indices(k, k)
+    energy = la.objective(
+        X,
+        y,
+        L0[rows, cols],
+        torch.tensor(0.7).log(),
+        2 * torch.tensor(0.8).log(),
+    )
+    hist = la.fit_history_["objective"]
+    assert len(hist) == 3
+    assert hist[0] == pytest.approx(-float(energy), rel=1e-10)
