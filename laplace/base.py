@@ -121,6 +121,8 @@ class BaseLaplace:
         if param is None:
             raise ValueError("The model has no parameters to build a posterior over.")
         self._device, self._dtype = param.device, param.dtype
+        # what users get back: outputs follow the model (see _to_output)
+        self._model_dtype = param.dtype
         # bf16/fp16 models: hyperparameters and curvature in float32 for stability.
         if self._dtype in (torch.bfloat16, torch.float16):
             self._dtype = torch.float32
@@ -146,6 +148,22 @@ class BaseLaplace:
 
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return dict(self.backend_kwargs)
+
+    def _to_output(self, value: Any) -> Any:
+        """``value`` (a tensor, a ``Kron``/``KronDecomposed`` or a tuple/list of
+        them) in the model's dtype: computations of half-precision models run in
+        float32, what they return is in the model's dtype. Integer tensors and
+        other values are returned as they are."""
+        dtype = self._model_dtype
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.dtype != dtype:
+                return value.to(dtype)
+            return value
+        if isinstance(value, tuple | list):
+            return type(value)(self._to_output(v) for v in value)
+        if dtype != self._dtype and callable(getattr(value, "to", None)):
+            return value.to(dtype)  # Kron, KronDecomposed
+        return value
 
     # ---- hyperparameters --------------------------------------------------------
     def _as_tensor(self, value: float | torch.Tensor) -> torch.Tensor:

@@ -239,7 +239,8 @@ class LLLaplace(ParametricLaplace):
         self._check_fitted()
         X = self._to_device(X)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
-            return self._glm_predictive_distribution(X, diagonal_output=True)
+            moments = self._glm_predictive_distribution(X, diagonal_output=True)
+        return self._to_output(moments)
 
     def _glm_fast_route(
         self, x: Any, diagonal: bool
@@ -330,7 +331,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     _key = ("last_layer", "kron")
 
     def _last_layer_blocks(self) -> list[Block]:
-        return kron_blocks(self.posterior_precision)
+        return kron_blocks(self._posterior_precision)
 
     def __init__(
         self,

@@ -208,8 +208,8 @@ class SubnetLaplace(ParametricLaplace):
             dtype=self._dtype,
             generator=generator,
         )
-        return self.assemble_full_samples(
-            self.mean_subnet + self._sample_deviations(eps)
+        return self._to_output(
+            self.assemble_full_samples(self.mean_subnet + self._sample_deviations(eps))
         )
 
     # ---- serialization ---------------------------------------------------------------

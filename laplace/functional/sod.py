@@ -227,7 +227,8 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
             if self.likelihood is not Likelihood.REGRESSION:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)
 
     # ---- predictive ----------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:

@@ -88,6 +88,18 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         """The prior precision expanded to ``(n_params,)``."""
         return expand_to_parameters(self.prior_precision, self._layer_sizes)
 
+    # ---- curvature as exposed ------------------------------------------------------
+    @property
+    def H(self) -> Any:
+        """The accumulated log-likelihood curvature (its type depends on the
+        structure), in the model's dtype; half-precision models keep it in
+        float32 internally."""
+        return self._to_output(self._H)
+
+    @H.setter
+    def H(self, value: Any) -> None:
+        self._H = value
+
     # ---- fit --------------------------------------------------------------------------
     def fit(
         self, train_loader: Iterable, override: bool = True, progress_bar: bool = False
@@ -138,7 +150,7 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
                 X, y = self._prepare_batch(X, y)
                 loss_batch, H_batch = self._curv_closure(X, y, n_total)
                 self.loss = self.loss + loss_batch.detach().to(self._dtype)
-                self.H = self.H + H_batch
+                self.H = self._H + H_batch
                 seen += 1
         if shard is not None:
             seen = self._reduce_across_ranks(seen, carried)
@@ -172,11 +184,11 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
 
     def _curvature_tensors(self) -> list[torch.Tensor]:
         """The accumulated curvature as tensors (for ``all_reduce``)."""
-        if not isinstance(self.H, torch.Tensor):
+        if not isinstance(self._H, torch.Tensor):
             raise NotImplementedError(
                 f"{type(self).__name__} does not support distributed fitting."
             )
-        return [self.H]
+        return [self._H]
 
     def _set_curvature_tensors(self, tensors: list[torch.Tensor]) -> None:
         (self.H,) = tensors
@@ -232,7 +244,7 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             )
 
     def _curvature_is_finite(self) -> bool:
-        return bool(torch.isfinite(self.H).all())
+        return bool(torch.isfinite(self._H).all())
 
     def _before_accumulate(self, n_new: int) -> None:
         """Hook run before ``fit(..., override=False)`` adds ``n_new`` data points."""
@@ -251,6 +263,13 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
     # ---- marginal likelihood ------------------------------------------------------
     @property
     def posterior_precision(self) -> Any:
+        """The posterior precision (its type depends on the structure), in the
+        model's dtype."""
+        return self._to_output(self._posterior_precision)
+
+    @property
+    def _posterior_precision(self) -> Any:
+        """The posterior precision in the computation dtype."""
         raise NotImplementedError
 
     @property
@@ -321,11 +340,12 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
             if self.likelihood is not Likelihood.REGRESSION:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)
 
     # ---- serialization ---------------------------------------------------------------
     def _H_state(self) -> Any:
-        return self.H
+        return self._H
 
     def _load_H_state(self, state: Any) -> None:
         self.H = state

@@ -90,7 +90,8 @@ class ParametricPredictionMixin:
         mean ``(batch, n_outputs)`` and variance ``(batch, n_outputs, n_outputs)``
         (``(batch, n_outputs)`` with ``diagonal_output``; with ``joint=True`` a mean
         ``(batch * n_outputs,)`` and covariance ``(batch * n_outputs,)*2``). The
-        observation noise ``sigma_noise**2`` is not included.
+        observation noise ``sigma_noise**2`` is not included. All in the model's
+        dtype.
         """
         pred_type, link_approx = self._check_predict_args(
             pred_type, link_approx, n_samples, generator, joint
@@ -100,17 +101,21 @@ class ParametricPredictionMixin:
             if pred_type is PredType.NN:
                 # Monte Carlo averages over chunks: all outputs are never held
                 chunks = self._nn_output_chunks(x, n_samples, generator, model_kwargs)
+                chunks = (chunk.to(self._dtype) for chunk in chunks)
                 if self._predicts_classes(fitting):
-                    return softmax_mean(chunks)
-                return mean_and_variance(chunks)
+                    return self._to_output(softmax_mean(chunks))
+                return self._to_output(mean_and_variance(chunks))
             classification = self._predicts_classes(fitting)
             probit_only = classification and link_approx is LinkApprox.PROBIT
             f_mu, f_var = self._glm_predictive_distribution(
                 x, joint=joint, diagonal_output=diagonal_output or probit_only
             )
             if not classification:
-                return f_mu, f_var
-            return glm_link(f_mu, f_var, link_approx, n_samples, generator)
+                return self._to_output((f_mu, f_var))
+            probs = glm_link(
+                f_mu.to(f_var.dtype), f_var, link_approx, n_samples, generator
+            )
+            return self._to_output(probs)
 
     def _predicts_classes(self, fitting: bool) -> bool:
         """Class probabilities for classification, and for reward modelling on
@@ -243,18 +248,33 @@ class ParametricPredictionMixin:
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Samples of the latent function at ``x``: ``(n_samples, batch, n_outputs)``."""
+        """Samples of the latent function at ``x``: ``(n_samples, batch, n_outputs)``,
+        in the model's dtype."""
+        return self._to_output(
+            self._function_samples(x, pred_type, n_samples, diagonal_output, generator)
+        )
+
+    def _function_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str,
+        n_samples: int,
+        diagonal_output: bool,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """:meth:`functional_samples` in the computation dtype."""
         pred_type, _ = self._check_predict_args(
             pred_type, LinkApprox.MC, n_samples, generator
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             if pred_type is PredType.NN:
-                return self._nn_function_samples(x, n_samples, generator, {})
+                samples = self._nn_function_samples(x, n_samples, generator, {})
+                return samples.to(self._dtype)
             f_mu, f_var = self._glm_predictive_distribution(
                 x, diagonal_output=diagonal_output
             )
-            return normal_samples(f_mu, f_var, n_samples, generator)
+            return normal_samples(f_mu.to(f_var.dtype), f_var, n_samples, generator)
 
     def predictive_samples(
         self,
@@ -265,13 +285,13 @@ class ParametricPredictionMixin:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Like :meth:`functional_samples`, with the softmax applied for
-        classification: ``(n_samples, batch, n_outputs)``."""
-        samples = self.functional_samples(
+        classification: ``(n_samples, batch, n_outputs)``, in the model's dtype."""
+        samples = self._function_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )
         if self.likelihood is Likelihood.CLASSIFICATION:
-            return torch.softmax(samples, dim=-1)
-        return samples
+            samples = torch.softmax(samples, dim=-1)
+        return self._to_output(samples)
 
     # ---- weight samples --------------------------------------------------------------
     #: Entries of weight samples (and, last-layer, of their outputs) that the ``nn``
@@ -281,9 +301,11 @@ class ParametricPredictionMixin:
     def sample(
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Weight samples from the posterior, ``(n_samples, n_params)``."""
+        """Weight samples from the posterior, ``(n_samples, n_params)``, in the
+        model's dtype."""
         self._check_fitted()
-        return torch.cat(list(self._weight_sample_chunks(n_samples, generator)))
+        chunks = self._weight_sample_chunks(n_samples, generator)
+        return self._to_output(torch.cat(list(chunks)))
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
