@@ -274,15 +274,18 @@ class BaseLaplace:
 
     _dataset_size = staticmethod(dataset_size)
 
-    def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
+    def _check_sampling_args(
+        self, n_samples: Any, generator: Any, minimum: int = 1
+    ) -> None:
+        """``n_samples`` an int ``>= minimum`` (1 for Monte Carlo estimates, 0 for
+        plain draws) and ``generator`` a ``torch.Generator`` or ``None``."""
         if (
             isinstance(n_samples, bool)
             or not isinstance(n_samples, int)
-            or n_samples < 1
+            or n_samples < minimum
         ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"n_samples must be {what}; got {n_samples!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"generator must be a torch.Generator or None; got {type(generator)}."

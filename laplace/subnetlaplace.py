@@ -200,6 +200,7 @@ class SubnetLaplace(ParametricLaplace):
     ) -> torch.Tensor:
         """Full weight samples ``(n_samples, n_params_all)``: subnetwork entries
         drawn from the posterior, all others at the MAP."""
+        self._check_sampling_args(n_samples, generator, minimum=0)
         self._check_fitted()
         eps = torch.randn(
             n_samples,

@@ -12,6 +12,7 @@ import torch
 from laplace.base import eval_mode
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
+from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.functional_utils import draw_gaussian, regression_targets
 from laplace.utils.utils import normal_samples
@@ -73,6 +74,8 @@ class FunctionalPredictionMixin:
         if joint and classification:
             raise ValueError("joint=True is only available for regression.")
         f_mu, f_var = self._predictive_moments(x, joint)
+        if classification and len(f_mu) == 0:  # no rows: no probabilities
+            return self._to_output(f_mu.new_zeros(0, f_mu.shape[-1]))
         if not classification:
             if diagonal_output and not joint:
                 f_var = f_var.diagonal(dim1=-2, dim2=-1)
@@ -106,8 +109,18 @@ class FunctionalPredictionMixin:
         """:meth:`predictive_moments` in the computation dtype."""
         self._check_fitted()
         x = to_device(x, self._device)
+        width = self._empty_width(x)
+        if width is not None:
+            return empty_predictive(width, self.mean, False, joint)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
             return self._moments(x, joint)
+
+    def _empty_width(self, x: Inputs) -> int | None:
+        """The network's output width when ``x`` has no rows, else ``None``."""
+        if batch_size(x, self.dict_key_x) > 0:
+            return None
+        with eval_mode(self.model):
+            return empty_output_width(lambda: self.model(x), self.n_outputs)
 
     def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
         Js, f = self._jacobians_and_output(x)
@@ -159,6 +172,10 @@ class FunctionalPredictionMixin:
         """:meth:`functional_samples` in the computation dtype."""
         PredType.parse(pred_type, "pred_type")
         self._check_sampling_args(n_samples, generator)
+        self._check_fitted()
+        width = self._empty_width(x)
+        if width is not None:
+            return self.mean.new_zeros(n_samples, 0, width)
         f_mu, f_var = self._predictive_moments(x, joint)
         if joint:
             if diagonal_output:

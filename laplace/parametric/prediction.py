@@ -4,7 +4,7 @@ which propagates the Gaussian through the network's Jacobian, and the sampling
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -19,19 +19,19 @@ from laplace.parametric.fast_glm import (
 )
 from laplace.parametric.sampling import (
     mean_and_variance,
-    outputs_under_weights,
-    sample_chunk_rows,
     softmax_mean,
 )
+from laplace.parametric.weight_samples import WeightSamplesMixin
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size
+from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.utils import normal_samples
 
 Inputs = torch.Tensor | MutableMapping
 
 
-class ParametricPredictionMixin:
+class ParametricPredictionMixin(WeightSamplesMixin):
     """Prediction methods of :class:`~laplace.ParametricLaplace`."""
 
     #: Entries of Jacobians (or of per-layer output gradients) that a GLM
@@ -98,6 +98,16 @@ class ParametricPredictionMixin:
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            width = self._empty_width(x)
+            if width is not None:
+                empty = empty_predictive(
+                    width,
+                    self.mean,
+                    self._predicts_classes(fitting),
+                    joint,
+                    diagonal_output or pred_type is PredType.NN,
+                )
+                return self._to_output(empty)
             if pred_type is PredType.NN:
                 # Monte Carlo averages over chunks: all outputs are never held
                 chunks = self._nn_output_chunks(x, n_samples, generator, model_kwargs)
@@ -116,6 +126,12 @@ class ParametricPredictionMixin:
                 f_mu.to(f_var.dtype), f_var, link_approx, n_samples, generator
             )
             return self._to_output(probs)
+
+    def _empty_width(self, x: Inputs) -> int | None:
+        """The network's output width when ``x`` has no rows, else ``None``."""
+        if batch_size(x, self.dict_key_x) > 0:
+            return None
+        return empty_output_width(lambda: self._network_output(x), self.n_outputs)
 
     def _predicts_classes(self, fitting: bool) -> bool:
         """Class probabilities for classification, and for reward modelling on
@@ -152,8 +168,12 @@ class ParametricPredictionMixin:
         every route (and ``joint``) gives the same numbers. Structures with a
         cheaper exact route than Jacobians use it (see :meth:`_glm_fast_route`);
         otherwise Jacobians are formed a chunk of rows at a time, at most
-        ``glm_chunk_elements`` entries at once.
+        ``glm_chunk_elements`` entries at once. A batch without rows gives
+        moments without rows.
         """
+        width = self._empty_width(x)
+        if width is not None:
+            return empty_predictive(width, self.mean, False, joint, diagonal_output)
         if joint:
             Js, f_mu = self._jacobians_and_output(x)
             return f_mu.flatten(), self.functional_covariance(Js)
@@ -268,6 +288,9 @@ class ParametricPredictionMixin:
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            width = self._empty_width(x)
+            if width is not None:
+                return self.mean.new_zeros(n_samples, 0, width)
             if pred_type is PredType.NN:
                 samples = self._nn_function_samples(x, n_samples, generator, {})
                 return samples.to(self._dtype)
@@ -292,102 +315,3 @@ class ParametricPredictionMixin:
         if self.likelihood is Likelihood.CLASSIFICATION:
             samples = torch.softmax(samples, dim=-1)
         return self._to_output(samples)
-
-    # ---- weight samples --------------------------------------------------------------
-    #: Entries of weight samples (and, last-layer, of their outputs) that the ``nn``
-    #: predictive holds at once; more samples are drawn and run in chunks.
-    sample_chunk_elements: int = 2**20
-
-    def sample(
-        self, n_samples: int = 100, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Weight samples from the posterior, ``(n_samples, n_params)``, in the
-        model's dtype."""
-        self._check_fitted()
-        chunks = self._weight_sample_chunks(n_samples, generator)
-        return self._to_output(torch.cat(list(chunks)))
-
-    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _weight_sample_chunks(
-        self,
-        n_samples: int,
-        generator: torch.Generator | None,
-        max_rows: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """The rows of :meth:`sample` in chunks ``(rows, n_params)`` of at most
-        ``sample_chunk_elements`` entries (and ``max_rows`` rows) where the random
-        stream allows it; the numbers do not depend on the chunking."""
-        if type(self).sample is not ParametricPredictionMixin.sample:
-            # a subclass draws its own way (e.g. a subnetwork): keep its numbers
-            yield from self.sample(n_samples, generator).split(max_rows or n_samples)
-            return
-        self._check_fitted()
-        rows = max(1, self.sample_chunk_elements // self.n_params)
-        sizes = sample_chunk_rows(n_samples, self.n_params, min(rows, max_rows or rows))
-        if self._draws_noise_in_chunks():
-            noise = (self._noise(size, generator) for size in sizes)
-        else:
-            noise = iter(self._noise(n_samples, generator).split(sizes))
-        for eps in noise:
-            # deviations are a fresh tensor: add the mean in place
-            yield self._sample_deviations(eps).add_(self.mean)
-
-    def _draws_noise_in_chunks(self) -> bool:
-        # CPU noise drawn chunk by chunk equals one draw (see sample_chunk_rows);
-        # other devices' generators do not promise that: draw once, map in chunks
-        return self._device.type == "cpu"
-
-    def _noise(self, rows: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Standard-normal noise ``(rows, n_params)``."""
-        return torch.randn(
-            rows,
-            self.n_params,
-            device=self._device,
-            dtype=self._dtype,
-            generator=generator,
-        )
-
-    def _nn_function_samples(
-        self,
-        x: Inputs,
-        n_samples: int,
-        generator: torch.Generator | None,
-        model_kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``."""
-        return torch.cat(
-            list(self._nn_output_chunks(x, n_samples, generator, model_kwargs))
-        )
-
-    def _nn_output_chunks(
-        self,
-        x: Inputs,
-        n_samples: int,
-        generator: torch.Generator | None,
-        model_kwargs: dict[str, Any],
-    ) -> Iterator[torch.Tensor]:
-        """Outputs ``(rows, batch, n_outputs)`` for consecutive chunks of weight
-        samples: one forward pass per sample, the samples swapped in for the
-        treated parameters (restored afterwards, also on errors)."""
-
-        def forward() -> torch.Tensor:
-            return self.model(x, **model_kwargs)
-
-        for thetas in self._weight_sample_chunks(n_samples, generator):
-            values = self._unflatten_rows(thetas)
-            yield outputs_under_weights(self.model, self.params, values, forward)
-
-    def _unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """One flat sample ``(n_params,)`` as tensors shaped like the parameters."""
-        return [t[0] for t in self._unflatten_rows(theta.unsqueeze(0))]
-
-    def _unflatten_rows(self, thetas: torch.Tensor) -> list[torch.Tensor]:
-        """Samples ``(n, n_params)`` as ``(n, *p.shape)`` per parameter ``p``, in
-        the parameter's dtype (views where the dtype agrees)."""
-        chunks = torch.split(thetas, self._layer_sizes, dim=-1)
-        return [
-            c.reshape(len(thetas), *p.shape).to(p.dtype)
-            for c, p in zip(chunks, self.params)
-        ]
