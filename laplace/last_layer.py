@@ -24,6 +24,7 @@ from laplace.parametric.fast_glm import (
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
+from laplace.utils.data import batch_size
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor
 
@@ -207,9 +208,14 @@ class LLLaplace(ParametricLaplace):
         """Last-layer outputs ``(rows, batch, n_outputs)`` per chunk of weight
         samples; the body runs once, a linear last layer takes all samples of a
         chunk in one product."""
-        phi = self._features(x)
         layer = self.model.last_layer
         linear = type(layer) is nn.Linear
+        outputs = batch_size(x, self.dict_key_x) * self.n_outputs
+        rows = self.sample_chunk_elements // max(
+            1, 4 * outputs if linear else self.n_params
+        )
+        self._check_nn_memory(x, min(n_samples, max(1, rows)))
+        phi = self._features(x)
         rows = None
         if linear:
             # also bound the chunk's outputs (rows, batch, n_outputs), of which a

@@ -202,6 +202,7 @@ class SubnetLaplace(ParametricLaplace):
         drawn from the posterior, all others at the MAP."""
         self._check_sampling_args(n_samples, generator, minimum=0)
         self._check_fitted()
+        self._check_sample_memory(n_samples, self.n_params_subnet + len(self.mean))
         eps = torch.randn(
             n_samples,
             self.n_params_subnet,

@@ -15,6 +15,7 @@ from laplace.utils.data import batch_size, to_device
 from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
 from laplace.utils.functional_utils import draw_gaussian, regression_targets
+from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 
 __all__ = ["FunctionalPredictionMixin"]
@@ -176,6 +177,11 @@ class FunctionalPredictionMixin:
         width = self._empty_width(x)
         if width is not None:
             return self.mean.new_zeros(n_samples, 0, width)
+        n_rows = batch_size(x, self.dict_key_x)
+        itemsize = self.mean.element_size()
+        check_function_samples(
+            n_samples, n_rows, self.n_outputs, itemsize, self._device
+        )
         f_mu, f_var = self._predictive_moments(x, joint)
         if joint:
             if diagonal_output:

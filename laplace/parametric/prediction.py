@@ -26,6 +26,7 @@ from laplace.predictive import glm_link
 from laplace.utils.data import batch_size
 from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
+from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 
 Inputs = torch.Tensor | MutableMapping
@@ -291,6 +292,13 @@ class ParametricPredictionMixin(WeightSamplesMixin):
             width = self._empty_width(x)
             if width is not None:
                 return self.mean.new_zeros(n_samples, 0, width)
+            check_function_samples(
+                n_samples,
+                batch_size(x, self.dict_key_x),
+                self.n_outputs,
+                max(self.mean.element_size(), 4),
+                self._device,
+            )
             if pred_type is PredType.NN:
                 samples = self._nn_function_samples(x, n_samples, generator, {})
                 return samples.to(self._dtype)

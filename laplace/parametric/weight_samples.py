@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from laplace.parametric.sampling import outputs_under_weights, sample_chunk_rows
+from laplace.utils.data import batch_size
+from laplace.utils.memory import check_memory
 
 __all__ = ["WeightSamplesMixin"]
 
@@ -33,11 +35,27 @@ class WeightSamplesMixin:
         self._check_fitted()
         if n_samples == 0:
             return self._to_output(self.mean.new_zeros(0, self.n_params))
+        # the chunks and their concatenation
+        self._check_sample_memory(n_samples, 2 * self.n_params)
         chunks = self._weight_sample_chunks(n_samples, generator)
         return self._to_output(torch.cat(list(chunks)))
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _check_sample_memory(self, n_samples: int, values_per_sample: int) -> None:
+        """Refuse ``sample(n_samples)`` up front when ``values_per_sample`` values
+        per sample do not fit into the available memory."""
+        check_memory(
+            f"sample(n_samples={n_samples})",
+            n_samples,
+            values_per_sample * self.mean.element_size(),
+            self._device,
+            "samples",
+            "Draw them in chunks: torch.cat([la.sample(m, generator=g) for _ in "
+            "range(k)]) with m samples per call (a shared generator g keeps the "
+            "draws independent).",
+        )
 
     def _weight_sample_chunks(
         self,
@@ -104,9 +122,25 @@ class WeightSamplesMixin:
         def forward() -> torch.Tensor:
             return self.model(x, **model_kwargs)
 
+        rows = max(1, self.sample_chunk_elements // self.n_params)
+        self._check_nn_memory(x, min(n_samples, rows))
         for thetas in self._weight_sample_chunks(n_samples, generator):
             values = self._unflatten_rows(thetas)
             yield outputs_under_weights(self.model, self.params, values, forward)
+
+    def _check_nn_memory(self, x: Inputs, rows: int) -> None:
+        """Refuse the ``nn`` predictive up front when the outputs of ``rows``
+        weight samples at once (and a few copies: softmax, averages) do not fit."""
+        n_rows = batch_size(x, self.dict_key_x)
+        check_memory(
+            f"The nn predictive at {n_rows} inputs",
+            rows,
+            3 * n_rows * self.n_outputs * self.mean.element_size(),
+            self._device,
+            "weight samples",
+            "Pass the inputs in chunks of fewer rows, or lower "
+            "la.sample_chunk_elements (the weight samples run at once).",
+        )
 
     def _unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """One flat sample ``(n_params,)`` as tensors shaped like the parameters."""
