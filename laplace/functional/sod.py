@@ -41,10 +41,10 @@ from laplace.utils.functional_utils import (
     concatenate_rows,
     preserve_model_gradients,
     select_rows,
-    sod_indices,
     subset_loader,
 )
 from laplace.utils.linalg import symeig
+from laplace.utils.sod import sod_indices
 
 __all__ = ["FunctionalLaplace"]
 

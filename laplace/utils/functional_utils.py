@@ -15,11 +15,11 @@ from collections.abc import (
 )
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from laplace.utils.data import batch_size, split_batch, to_device
+from laplace.utils.sod import sod_indices
 
 __all__ = [
     "SoDSampler",
@@ -175,21 +175,6 @@ def balanced_indices(targets: torch.Tensor, n_subset: int, seed: int) -> torch.T
         torch.randperm(len(rest), generator=generator)[: n_subset - len(chosen)]
     ]
     return torch.cat([chosen, fill])
-
-
-def sod_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
-    """The subset of data laplace-torch picks: ``n_subset`` distinct indices of
-    ``range(n_data)``, ``numpy.random.default_rng(seed).choice(n_data, n_subset,
-    replace=False)`` in that order, ``(n_subset,)`` int64."""
-    for name, value in (("n_data", n_data), ("n_subset", n_subset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}.")
-    if n_subset > n_data:
-        raise ValueError(
-            f"n_subset={n_subset} exceeds the number of training points {n_data}."
-        )
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.choice(n_data, n_subset, replace=False)).long()
 
 
 class SoDSampler(Sampler[int]):
