@@ -42,7 +42,7 @@ def data(n_out: int):
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(24, 3, generator=gen)
     y = torch.randn(24, n_out, generator=gen)
-    X_test = torch.randn(32, 3, generator=gen)
+    X_test = torch.randn(16, 3, generator=gen)
     return DataLoader(TensorDataset(X, y), batch_size=20), X_test
 
 
@@ -106,7 +106,7 @@ def test_mean_is_network_output(kind, spec, n_out):
     pred_type = "glm" if kind == "parametric" else "gp"
     for obj in (la, fresh):
         f_mu, f_var = obj(X_test, pred_type=pred_type)
-        assert f_mu.shape == (32, n_out) and f_var.shape == (32, n_out, n_out)
+        assert f_mu.shape == (16, n_out) and f_var.shape == (16, n_out, n_out)
         assert torch.allclose(f_mu, expected) and torch.equal(f_mu, expected)
         f_mu_joint, _ = obj(X_test, pred_type=pred_type, joint=True)
         assert torch.allclose(f_mu.flatten(), f_mu_joint)
