@@ -174,6 +174,7 @@ class FunctionalPredictionMixin:
         PredType.parse(pred_type, "pred_type")
         self._check_sampling_args(n_samples, generator)
         self._check_fitted()
+        x = to_device(x, self._device)
         width = self._empty_width(x)
         if width is not None:
             return self.mean.new_zeros(n_samples, 0, width)

@@ -88,12 +88,9 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
         """The prior precision expanded to ``(n_params,)``."""
         return expand_to_parameters(self.prior_precision, self._layer_sizes)
 
-    # ---- curvature as exposed ------------------------------------------------------
     @property
     def H(self) -> Any:
-        """The accumulated log-likelihood curvature (its type depends on the
-        structure), in the model's dtype; half-precision models keep it in
-        float32 internally."""
+        """The log-likelihood curvature, in the model's dtype (kept as ``_H``)."""
         return self._to_output(self._H)
 
     @H.setter
@@ -263,13 +260,11 @@ class ParametricLaplace(ParametricPredictionMixin, BaseLaplace):
     # ---- marginal likelihood ------------------------------------------------------
     @property
     def posterior_precision(self) -> Any:
-        """The posterior precision (its type depends on the structure), in the
-        model's dtype."""
+        """The posterior precision, in the model's dtype."""
         return self._to_output(self._posterior_precision)
 
     @property
     def _posterior_precision(self) -> Any:
-        """The posterior precision in the computation dtype."""
         raise NotImplementedError
 
     @property
