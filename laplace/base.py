@@ -153,6 +153,8 @@ class BaseLaplace(HyperparametersMixin):
         if param is None:
             raise ValueError("The model has no parameters to build a posterior over.")
         self._device, self._dtype = param.device, param.dtype
+        # what users get back: outputs follow the model (see _to_output)
+        self._model_dtype = param.dtype
         # bf16/fp16 models: hyperparameters and curvature in float32 for stability.
         if self._dtype in (torch.bfloat16, torch.float16):
             self._dtype = torch.float32
@@ -178,6 +180,22 @@ class BaseLaplace(HyperparametersMixin):
 
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return dict(self.backend_kwargs)
+
+    def _to_output(self, value: Any) -> Any:
+        """``value`` (a tensor, a ``Kron``/``KronDecomposed`` or a tuple/list of
+        them) in the model's dtype: computations of half-precision models run in
+        float32, what they return is in the model's dtype. Integer tensors and
+        other values are returned as they are."""
+        dtype = self._model_dtype
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.dtype != dtype:
+                return value.to(dtype)
+            return value
+        if isinstance(value, tuple | list):
+            return type(value)(self._to_output(v) for v in value)
+        if dtype != self._dtype and callable(getattr(value, "to", None)):
+            return value.to(dtype)  # Kron, KronDecomposed
+        return value
 
     # ---- hyperparameters --------------------------------------------------------
     def _as_tensor(self, value: float | torch.Tensor) -> torch.Tensor:
@@ -229,15 +247,18 @@ class BaseLaplace(HyperparametersMixin):
             y, self.likelihood, self.n_outputs if n_outputs is None else n_outputs
         )
 
-    def _check_sampling_args(self, n_samples: Any, generator: Any) -> None:
+    def _check_sampling_args(
+        self, n_samples: Any, generator: Any, minimum: int = 1
+    ) -> None:
+        """``n_samples`` an int ``>= minimum`` (1 for Monte Carlo estimates, 0 for
+        plain draws) and ``generator`` a ``torch.Generator`` or ``None``."""
         if (
             isinstance(n_samples, bool)
             or not isinstance(n_samples, int)
-            or n_samples < 1
+            or n_samples < minimum
         ):
-            raise ValueError(
-                f"n_samples must be a positive integer; got {n_samples!r}."
-            )
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"n_samples must be {what}; got {n_samples!r}.")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"generator must be a torch.Generator or None; got {type(generator)}."

@@ -26,6 +26,7 @@ from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
 from laplace.utils.autograd_mode import autograd_enabled
+from laplace.utils.data import batch_size
 from laplace.utils.enums import FeatureReduction, Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 from laplace.utils.model_checks import (
@@ -214,13 +215,20 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         )
 
     def _jacobians(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._jacobians_and_output(x)
+
+    def _jacobians_and_output(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer Jacobians and outputs of one forward pass over the batch
+        (for features ``(batch, seq, D)`` reduced to ``(batch, D)``: the last
+        layer applied to the reduced features)."""
         if self.likelihood is Likelihood.REWARD_MODELING:
-            features = self._features(x)
+            with torch.set_grad_enabled(self.enable_backprop):
+                out, features = self.model.forward_with_features(x)
             if features.ndim == 3:  # preference pairs: Jacobians of both logits
-                Js, f = self._pair_backend().jacobians(
+                Js, _ = self._pair_backend().jacobians(
                     features, enable_backprop=self.enable_backprop
                 )
-                return Js.to(self._dtype), f
+                return Js.to(self._dtype), out
         Js, f = self.backend.last_layer_jacobians(
             x, enable_backprop=self.enable_backprop
         )
@@ -232,9 +240,14 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         """Last-layer outputs ``(rows, batch, n_outputs)`` per chunk of weight
         samples; the body runs once, a linear last layer takes all samples of a
         chunk in one product."""
-        phi = self._features(x)
         layer = self.model.last_layer
         linear = type(layer) is nn.Linear
+        outputs = batch_size(x, self.dict_key_x) * self.n_outputs
+        rows = self.sample_chunk_elements // max(
+            1, 4 * outputs if linear else self.n_params
+        )
+        self._check_nn_memory(x, min(n_samples, max(1, rows)))
+        phi = self._features(x)
         rows = None
         if linear:
             # also bound the chunk's outputs (rows, batch, n_outputs), of which a
@@ -256,13 +269,16 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
             bias = layer.bias
             yield affine_samples(phi, weight, sampled.get(id(bias), bias))
 
-    def functional_variance_fast(self, X: Any) -> torch.Tensor:
-        """Diagonal of the GLM predictive variance, ``(batch, n_outputs)``, in closed
-        form from the features (no Jacobians); ``__call__`` uses the same route."""
+    def functional_variance_fast(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM predictive mean ``f_mu`` ``(batch, n_outputs)`` (the network output)
+        and the diagonal of its variance ``f_var`` ``(batch, n_outputs)``, in
+        closed form from the features (no Jacobians) for full, Kron and diagonal
+        posteriors; ``__call__`` uses the same route."""
         self._check_fitted()
         X = self._to_device(X)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
-            return self._glm_predictive_distribution(X, diagonal_output=True)[1]
+            moments = self._glm_predictive_distribution(X, diagonal_output=True)
+        return self._to_output(moments)
 
     def _glm_fast_route(
         self, x: Any, diagonal: bool
@@ -340,7 +356,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     _key = ("last_layer", "kron")
 
     def _last_layer_blocks(self) -> list[Block]:
-        return kron_blocks(self.posterior_precision)
+        return kron_blocks(self._posterior_precision)
 
     def __init__(
         self,

@@ -187,7 +187,7 @@ class LowRankLaplace(ParametricLaplace):
         )
         if self._woodbury_cache is not None and not needs_graph:
             return self._woodbury_cache
-        U, eigenvalues = self.H
+        U, eigenvalues = self._H
         d = self.prior_precision_diag.reciprocal()
         B = U * (self._H_factor * eigenvalues).sqrt()
         V = d.unsqueeze(-1) * B
@@ -210,14 +210,14 @@ class LowRankLaplace(ParametricLaplace):
         return torch.cholesky_inverse(self._woodbury()[2])
 
     @property
-    def posterior_precision(
+    def _posterior_precision(
         self,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``((U, c * lambda), prior_precision_diag)``: eigenvectors `(P, k)`,
         eigenvalues scaled by ``_H_factor`` `(k,)` and the prior `(P,)`, so that
         ``P = U diag(c lambda) U^T + diag(prior_precision_diag)``."""
         self._check_fitted()
-        U, eigenvalues = self.H
+        U, eigenvalues = self._H
         return (U, self._H_factor * eigenvalues), self.prior_precision_diag
 
     @property
@@ -238,7 +238,7 @@ class LowRankLaplace(ParametricLaplace):
         return (Js.square() * d).sum(-1) - Z.square().sum(-2)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
-        U, eigenvalues = self.H
+        U, eigenvalues = self._H
         proj = delta @ U
         return delta @ (self.prior_precision_diag * delta) + self._H_factor * (
             proj.square() * eigenvalues
@@ -255,7 +255,7 @@ class LowRankLaplace(ParametricLaplace):
 
     # ---- serialization ---------------------------------------------------------------
     def _H_state(self) -> Any:
-        U, eigenvalues = self.H
+        U, eigenvalues = self._H
         return {"eigenvectors": U, "eigenvalues": eigenvalues}
 
     def _validated_H(self, value: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,40 +26,69 @@ def _sum_zero_projection(
     f_mu: torch.Tensor, f_var: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Condition N(f_mu, f_var) on sum(f) = 0, which leaves the softmax unchanged
-    and is the form the Laplace bridge assumes (Hobbhahn et al., 2022, Sec. 3)."""
+    and is the form the Laplace bridge assumes (Hobbhahn et al., 2022, Sec. 3).
+    Rows with ``1^T Sigma 1 = 0`` (then ``Sigma 1 = 0``) are left as they are."""
     row_sums = f_var.sum(-1)  # Sigma 1, (batch, K)
     total = row_sums.sum(-1, keepdim=True)  # 1^T Sigma 1, (batch, 1)
-    f_mu = f_mu - row_sums * f_mu.sum(-1, keepdim=True) / total
-    f_var = f_var - row_sums.unsqueeze(-1) * row_sums.unsqueeze(-2) / total.unsqueeze(
-        -1
-    )
-    return f_mu, f_var
+    inv_total = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+    f_mu = f_mu - row_sums * (f_mu.sum(-1, keepdim=True) * inv_total)
+    outer = row_sums.unsqueeze(-1) * row_sums.unsqueeze(-2)
+    return f_mu, f_var - outer * inv_total.unsqueeze(-1)
+
+
+def _normalize_per_example(
+    f_mu: torch.Tensor, f_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``'bridge_norm'``: scale each example's Gaussian so that its mean latent
+    variance is ``sqrt(K / 2)``: ``m = mean_k(var_k) / sqrt(K / 2)``, then
+    ``f_mu / sqrt(m)`` and ``f_var / m`` (rows with ``m = 0`` are kept)."""
+    n_classes = f_mu.shape[-1]
+    var_mean = f_var.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
+    m = var_mean / math.sqrt(n_classes / 2.0)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return f_mu / m.sqrt(), f_var / m.unsqueeze(-1)
 
 
 def bridge_probs(
     f_mu: torch.Tensor, f_var: torch.Tensor, normalize: bool = False
 ) -> torch.Tensor:
-    """Laplace bridge (Hobbhahn et al., 2022): map the Gaussian to a Dirichlet
-    ``alpha_k = (1 - 2/K + exp(mu_k)/K^2 * sum_l exp(-mu_l)) / Sigma_kk`` and return
-    its mean ``alpha / sum(alpha)``.
+    """Laplace bridge (Hobbhahn et al., 2022): map the Gaussian, conditioned on
+    ``sum(f) = 0``, to a Dirichlet ``alpha_k = (1 - 2/K + exp(mu_k)/K^2 *
+    sum_l exp(-mu_l)) / Sigma_kk`` and return its mean ``alpha / sum(alpha)``.
 
-    With ``normalize=True`` (``'bridge_norm'``) every class gets the same variance,
-    the average one rescaled by ``sqrt(K / 2)``, and the means are rescaled by the
-    same per-class factor; this removes the over-confidence the plain bridge shows
-    for classes with very different variances.
+    With ``normalize=True`` (``'bridge_norm'``) each example's Gaussian is first
+    rescaled to the mean variance ``sqrt(K / 2)`` (see
+    :func:`_normalize_per_example`), as laplace-torch does.
+
+    Computed in log space, so large logits cannot overflow and every row sums
+    to 1. A class with zero variance is certain: the row's mass goes to the
+    zero-variance classes (in proportion to the numerators above, the limit of
+    variances vanishing at the same rate).
     """
     n_classes = f_mu.shape[-1]
+    if normalize:
+        f_mu, f_var = _normalize_per_example(f_mu, f_var)
     f_mu, f_var = _sum_zero_projection(f_mu, f_var)
     var_diag = torch.diagonal(f_var, dim1=-2, dim2=-1)
-    if normalize:
-        var_mean = var_diag.mean(-1, keepdim=True) / math.sqrt(n_classes / 2.0)
-        f_mu = f_mu * (var_mean / var_diag).sqrt()
-        var_diag = var_mean.expand_as(var_diag)
-    sum_exp = torch.exp(-f_mu).sum(-1, keepdim=True)
-    alpha = (1.0 - 2.0 / n_classes + f_mu.exp() / n_classes**2 * sum_exp) / var_diag
-    probs = alpha / alpha.sum(-1, keepdim=True)
-    # Zero variance (a class the posterior is certain about) gives 0/0 above.
-    return torch.nan_to_num(probs, nan=1.0 / n_classes)
+    # log of exp(mu_k) / K^2 * sum_l exp(-mu_l)
+    log_ratio = f_mu + torch.logsumexp(-f_mu, dim=-1, keepdim=True)
+    log_ratio = log_ratio - 2.0 * math.log(n_classes)
+    offset = 1.0 - 2.0 / n_classes  # 0 for K = 2: log 0 = -inf is fine below
+    log_numerator = torch.logaddexp(
+        torch.full_like(log_ratio, math.log(offset) if offset > 0 else -math.inf),
+        log_ratio,
+    )
+    certain = var_diag <= 0
+    any_certain = certain.any(-1, keepdim=True)
+    log_alpha = (
+        log_numerator - var_diag.clamp_min(torch.finfo(var_diag.dtype).tiny).log()
+    )
+    log_alpha = torch.where(
+        any_certain,
+        torch.where(certain, log_numerator, torch.full_like(log_alpha, -math.inf)),
+        log_alpha,
+    )
+    return torch.softmax(log_alpha, dim=-1)
 
 
 def mc_probs(

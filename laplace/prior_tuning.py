@@ -66,7 +66,7 @@ def optimize_prior_precision(
         if loss is None:
             loss = (
                 RunningNLLMetric()
-                if la.likelihood is Likelihood.CLASSIFICATION
+                if la.likelihood is not Likelihood.REGRESSION
                 else RunningMSEMetric()
             )
         _gridsearch(

@@ -196,7 +196,9 @@ class SubnetLaplace(ParametricLaplace):
     ) -> torch.Tensor:
         """Full weight samples ``(n_samples, n_params_all)``: subnetwork entries
         drawn from the posterior, all others at the MAP."""
+        self._check_sampling_args(n_samples, generator, minimum=0)
         self._check_fitted()
+        self._check_sample_memory(n_samples, self.n_params_subnet + len(self.mean))
         eps = torch.randn(
             n_samples,
             self.n_params_subnet,
@@ -204,8 +206,8 @@ class SubnetLaplace(ParametricLaplace):
             dtype=self._dtype,
             generator=generator,
         )
-        return self.assemble_full_samples(
-            self.mean_subnet + self._sample_deviations(eps)
+        return self._to_output(
+            self.assemble_full_samples(self.mean_subnet + self._sample_deviations(eps))
         )
 
     # ---- checkpoints ------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _ella(likelihood, n_out, n=32, k=None, **kwargs):
 
 @pytest.mark.parametrize("likelihood,n_out", CASES)
 def test_ella_with_all_eigenpairs_is_exact_linearised_laplace(likelihood, n_out):
-    la, model, X, y, c = _ella(likelihood, n_out)
+    la, model, X, y, c = _ella(likelihood, n_out, nystrom_outputs="all")
     P = c * dense_ggn(model, X, likelihood) + 0.8 * torch.eye(la.n_params)
     assert la.dual_directions.shape == (la.n_params, la.n_params)
     X_test = torch.randn(5, 2, generator=torch.Generator().manual_seed(7))
@@ -99,6 +99,7 @@ def test_ella_truncated_matches_dense_nystrom(likelihood, n_out):
         n_eigenvalues=k,
         prior_precision=0.5,
         seed=11,
+        nystrom_outputs="all",
     )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True))
     Js = dense_jacobians(model, X[random_subset_indices(30, m, 11)]).reshape(
@@ -125,7 +126,14 @@ def test_ella_balanced_subsample():
     model = tiny_net(3)
     X, y = tiny_data("classification", 3, 30)
     y = torch.tensor([0] * 20 + [1] * 5 + [2] * 5)[torch.randperm(30)]  # unbalanced
-    la = ELLA(model, "classification", subsample_size=9, n_eigenvalues=5, seed=2)
+    la = ELLA(
+        model,
+        "classification",
+        subsample_size=9,
+        n_eigenvalues=5,
+        seed=2,
+        nystrom_outputs="all",
+    )
     la.fit(DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True), balanced=True)
     idx = balanced_indices(y, 9, 2)
     assert torch.bincount(y[idx], minlength=3).tolist() == [3, 3, 3]
@@ -179,7 +187,7 @@ def test_ella_early_stopping_and_tuning():
     assert float(la.prior_precision) in [
         pytest.approx(float(g)) for g in torch.logspace(-4, 4, 5)
     ]
-    with pytest.raises(ValueError, match="gridsearch"):
+    with pytest.raises(NotImplementedError, match="gridsearch"):
         la.optimize_prior_precision(method="marglik")
     with pytest.raises(NotImplementedError):
         la.log_marginal_likelihood()
@@ -306,7 +314,7 @@ def test_valla_training_approaches_linearised_laplace():
     X_test = X[:5] + 0.1  # near the data, where the posterior differs from the prior
     la.fit(DataLoader(TensorDataset(X, y), batch_size=12), iterations=300, lr=0.02)
     hist = la.fit_history_["objective"]
-    assert len(hist) == 300 and hist[-1] > hist[0]
+    assert len(hist) == 300 and hist[-1] < hist[0]  # the minimised loss
     delta, sigma = float(la.prior_precision), float(la.sigma_noise)
     assert delta != 0.9 and sigma != 0.7  # both were learned
     P = dense_ggn(model, X, "regression") / sigma**2 + delta * torch.eye(la.n_params)

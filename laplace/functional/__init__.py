@@ -2,7 +2,8 @@
 
 from laplace.functional.base import BaseFunctionalLaplace
 from laplace.functional.ella import ELLA
-from laplace.functional.sod import FunctionalLaplace, FunctionalLLLaplace
+from laplace.functional.sod import FunctionalLaplace
+from laplace.functional.sod_last_layer import FunctionalLLLaplace
 from laplace.functional.valla import VaLLA
 
 __all__ = [

@@ -13,7 +13,7 @@ network output at the MAP and implement
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,17 +23,12 @@ from torch.func import vmap
 from laplace.base import BaseLaplace, eval_mode
 from laplace.curvature._loss_sqrt import exact_sqrt_fn
 from laplace.functional.checkpoint import FunctionalCheckpointMixin
-from laplace.predictive import glm_link
-from laplace.utils.data import batch_size, to_device
-from laplace.utils.enums import Likelihood, LinkApprox, PredType, PriorStructure
-from laplace.utils.functional_utils import draw_gaussian
+from laplace.functional.prediction import FunctionalPredictionMixin, Inputs
+from laplace.utils.enums import Likelihood, PredType, PriorStructure
 from laplace.utils.model_checks import check_model_output
 from laplace.utils.parameter_vector import parameters_to_vector
-from laplace.utils.utils import normal_samples
 
 __all__ = ["BaseFunctionalLaplace"]
-
-Inputs = torch.Tensor | MutableMapping
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -53,7 +48,9 @@ def _check_zero_prior_mean(prior_mean: torch.Tensor, cls_name: str) -> None:
         raise ValueError(f"{cls_name} supports only prior_mean=0; got {prior_mean}.")
 
 
-class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
+class BaseFunctionalLaplace(
+    FunctionalCheckpointMixin, FunctionalPredictionMixin, BaseLaplace
+):
     """Base class of the GP-view Laplace approximations (FunctionalLaplace,
     FunctionalLLLaplace, ELLA, VaLLA); see :class:`~laplace.BaseLaplace` for the
     constructor arguments. Only a scalar (isotropic) prior precision is allowed
@@ -136,6 +133,14 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         Js, f = self.backend.jacobians(x, enable_backprop=backprop)
         return Js.to(self._dtype), f.to(self._dtype)
 
+    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, O, P)`` and the network output ``(batch, O)`` of one
+        forward pass over the batch, ``model(x)``: the predictive mean. (The
+        Jacobian routes evaluate the network per sample, which may round
+        differently.)"""
+        Js, _ = self._jacobians(x)
+        return Js, self.model(x)
+
     def _lambda_sqrt(self, f: torch.Tensor) -> torch.Tensor | None:
         """``L_n`` with ``L_n L_n^T`` the output Hessian of the loss (the GGN's
         Lambda) at outputs ``f`` ``(batch, O)``: ``(batch, O, O)``, ``None`` for
@@ -161,167 +166,6 @@ class BaseFunctionalLaplace(FunctionalCheckpointMixin, BaseLaplace):
         if X is None:
             raise ValueError("train_loader yielded no batches.")
         self._check_model_outputs(X)
-
-    # ---- predictive -----------------------------------------------------------------------
-    def _classifies(self, fitting: bool) -> bool:
-        if self.likelihood is Likelihood.REWARD_MODELING:
-            return fitting
-        return self.likelihood is Likelihood.CLASSIFICATION
-
-    def _check_pred_type(self, pred_type: Any) -> None:
-        if PredType.parse(pred_type, "pred_type") is not PredType.GP:
-            raise ValueError(
-                f"{type(self).__name__} only supports pred_type='gp' (the GP "
-                f"predictive of the linearised network); got {pred_type!r}."
-            )
-
-    def __call__(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GP,
-        joint: bool = False,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        fitting: bool = False,
-        **model_kwargs: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """GP predictive at ``x``.
-
-        Returns
-        -------
-        Classification (and reward modelling with ``fitting=True``): probabilities
-        ``(batch, n_classes)``. Regression: the latent mean ``(batch, O)`` and
-        covariance ``(batch, O, O)`` (``(batch, O)`` with ``diagonal_output``; with
-        ``joint=True`` a mean ``(batch * O,)`` and covariance ``(batch * O,)*2``),
-        without the observation noise.
-        """
-        self._check_pred_type(pred_type)
-        link_approx = LinkApprox.parse(link_approx, "link_approx")
-        self._check_sampling_args(n_samples, generator)
-        if model_kwargs:
-            raise ValueError(
-                f"{type(self).__name__} does not forward model keyword arguments; "
-                f"got {sorted(model_kwargs)}."
-            )
-        classification = self._classifies(fitting)
-        if joint and classification:
-            raise ValueError("joint=True is only available for regression.")
-        f_mu, f_var = self.predictive_moments(x, joint=joint)
-        if not classification:
-            if diagonal_output and not joint:
-                f_var = f_var.diagonal(dim1=-2, dim2=-1)
-            return f_mu, f_var
-        return glm_link(f_mu, f_var, link_approx, n_samples, generator)
-
-    def predictive(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GP,
-        link_approx: LinkApprox | str = LinkApprox.PROBIT,
-        n_samples: int = 100,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Alias of ``__call__`` with the laplace-torch ``predictive`` signature."""
-        return self(
-            x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
-        )
-
-    def predictive_moments(
-        self, x: Inputs, *, joint: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent mean ``(batch, O)`` and covariance ``(batch, O, O)`` at ``x``
-        (no observation noise); ``joint=True``: ``(batch * O,)`` and
-        ``(batch * O, batch * O)`` over all inputs and outputs."""
-        self._check_fitted()
-        x = to_device(x, self._device)
-        self._check_outputs_once(x)
-        with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
-            return self._moments(x, joint)
-
-    def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        Js, f = self._jacobians(x)
-        if joint:
-            return f.flatten(), self.functional_covariance(Js)
-        return f, self.functional_variance(Js)
-
-    def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
-        """Posterior covariance of the outputs per input, ``(batch, O, O)``, for
-        Jacobians ``Js`` ``(batch, O, P)``."""
-        raise NotImplementedError
-
-    def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
-        """Joint posterior covariance of all outputs of all inputs,
-        ``(batch * O, batch * O)``."""
-        raise NotImplementedError
-
-    def functional_samples(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GP,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        joint: bool = False,
-    ) -> torch.Tensor:
-        """Samples of the latent function, ``(n_samples, batch, O)``; with
-        ``joint=True`` correlated across inputs, with ``diagonal_output``
-        independent across outputs."""
-        self._check_pred_type(pred_type)
-        self._check_sampling_args(n_samples, generator)
-        f_mu, f_var = self.predictive_moments(x, joint=joint)
-        if joint:
-            if diagonal_output:
-                f_var = torch.diag(f_var.diagonal())
-            flat = draw_gaussian(f_mu, f_var, n_samples, generator)
-            return flat.reshape(n_samples, -1, self._output_count(f_mu, x))
-        if diagonal_output:
-            f_var = f_var.diagonal(dim1=-2, dim2=-1)
-        return normal_samples(f_mu, f_var, n_samples, generator)
-
-    def _output_count(self, flat_mean: torch.Tensor, x: Inputs) -> int:
-        return len(flat_mean) // batch_size(x, self.dict_key_x)
-
-    def predictive_samples(
-        self,
-        x: Inputs,
-        pred_type: PredType | str = PredType.GP,
-        n_samples: int = 100,
-        diagonal_output: bool = False,
-        generator: torch.Generator | None = None,
-        fitting: bool = False,
-        joint: bool = False,
-    ) -> torch.Tensor:
-        """Like :meth:`functional_samples`, with the softmax applied for
-        classification: ``(n_samples, batch, O)``."""
-        samples = self.functional_samples(
-            x, pred_type, n_samples, diagonal_output, generator, joint
-        )
-        if self._classifies(fitting):
-            return torch.softmax(samples, dim=-1)
-        return samples
-
-    def _validation_nll(self, loader: Iterable) -> float:
-        """Mean negative log predictive density on ``loader`` (probit link for
-        classification; Gaussian with the noise variance added for regression)."""
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for X, y in self._batches(loader):
-                f_mu, f_var = self.predictive_moments(X)
-                if self.likelihood is Likelihood.REGRESSION:
-                    y = self._check_targets(y, f_mu.shape[-1]).to(self._dtype)
-                    var = f_var.diagonal(dim1=-2, dim2=-1) + self.sigma_noise.square()
-                    dist = torch.distributions.Normal(f_mu, var.sqrt())
-                    total -= float(dist.log_prob(y).sum())
-                else:
-                    probs = glm_link(f_mu, f_var, LinkApprox.PROBIT, 1)
-                    eps = torch.finfo(probs.dtype).tiny
-                    picked = probs.gather(-1, y.long().reshape(-1, 1)).clamp_min(eps)
-                    total -= float(picked.log().sum())
-                count += len(y)
-        if count == 0:
-            raise ValueError("val_loader yielded no data.")
-        return total / count
 
     # ---- prior tuning ----------------------------------------------------------------
     def optimize_prior_precision(

@@ -2,7 +2,8 @@
 2022, "Accelerated linearized Laplace approximation for Bayesian deep learning").
 
 A random subsample of ``M`` training points gives the Gram matrix of the NTK
-``J_s J_s^T = U diag(lambda) U^T`` over its ``M * O`` outputs. Its top ``k``
+``J_s J_s^T = U diag(lambda) U^T`` over one random output of each point (as
+laplace-torch does; or over all ``M * O`` outputs). Its top ``k``
 eigenpairs define ``k`` orthonormal parameter directions
 ``V = J_s^T U diag(lambda)^{-1/2}`` (``dual_directions``, ``(P, k)``) and the
 features ``phi(x) = J(x) V`` ``(O, k)``, computed with ``k`` Jacobian-vector
@@ -17,13 +18,11 @@ linearised Laplace predictive.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vmap
 
 from laplace.base import atomic, eval_mode
 from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
@@ -34,17 +33,19 @@ from laplace.functional.base import (
     _check_zero_prior_mean,
     _positive_int,
 )
+from laplace.functional.nystrom import (
+    NYSTROM_OUTPUTS,
+    jvp_features,
+    nystrom_directions,
+    nystrom_rows,
+)
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
-from laplace.utils.enums import Likelihood, PredType
+from laplace.utils.enums import Likelihood, PredType, TuningMethod
 from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
-from laplace.utils.linalg import symeig
 from laplace.utils.subsets import balanced_indices, random_subset_indices
 
 __all__ = ["ELLA"]
-
-# directions pushed through one vmapped Jacobian-vector product
-_DIRECTION_CHUNK = 64
 
 
 class ELLA(BaseFunctionalLaplace):
@@ -59,7 +60,13 @@ class ELLA(BaseFunctionalLaplace):
     prior_precision : float, default=1
         Scalar only; ``prior_mean`` must be 0.
     seed : int, default=1234
-        Seed of the subsample draw.
+        Seed of the subsample draw (and of the outputs picked for it).
+    nystrom_outputs : {'random', 'all'}, default='random'
+        Rows of the subsample's Jacobians that span the Nystrom basis: one
+        random output per subsampled point (laplace-torch's choice, an ``M x M``
+        Gram matrix), or all ``O`` outputs of each point (``M O x M O``: a
+        richer basis for the same subsample, at ``O^2`` times the cost of the
+        eigendecomposition).
     Other parameters as :class:`~laplace.BaseLaplace`.
 
     Attributes
@@ -91,6 +98,7 @@ class ELLA(BaseFunctionalLaplace):
         backend: type | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         seed: int = 1234,
+        nystrom_outputs: str = "random",
     ) -> None:
         self.subsample_size = _positive_int(subsample_size, "subsample_size")
         self.n_eigenvalues = _positive_int(n_eigenvalues, "n_eigenvalues")
@@ -100,6 +108,12 @@ class ELLA(BaseFunctionalLaplace):
                 f"subsample_size={subsample_size}."
             )
         self.seed = _check_seed(seed)
+        if nystrom_outputs not in NYSTROM_OUTPUTS:
+            raise ValueError(
+                f"nystrom_outputs must be one of {list(NYSTROM_OUTPUTS)}; got "
+                f"{nystrom_outputs!r}."
+            )
+        self.nystrom_outputs = nystrom_outputs
         self.dual_directions: torch.Tensor | None = None
         self.feature_gram: torch.Tensor | None = None
         self.fit_history_: dict[str, list] = {
@@ -161,7 +175,8 @@ class ELLA(BaseFunctionalLaplace):
                 [self._jacobians(X, False)[0] for X, _ in self._batches(subset)]
             )
             self.n_outputs = int(J.shape[1])
-            self.dual_directions = self._nystrom_directions(J)
+            rows = nystrom_rows(J, self.nystrom_outputs, self.seed)
+            self.dual_directions = nystrom_directions(rows, self.n_eigenvalues)
             del J
             self._accumulate(train_loader, val_loader, val_steps, progress_bar)
 
@@ -175,21 +190,6 @@ class ELLA(BaseFunctionalLaplace):
         ordered = subset_loader(loader, range(n_total))
         targets = torch.cat([y.reshape(-1).cpu() for _, y in self._batches(ordered)])
         return balanced_indices(targets, self.subsample_size, self.seed)
-
-    def _nystrom_directions(self, J: torch.Tensor) -> torch.Tensor:
-        """Top-``k`` directions ``(P, k)`` from subsample Jacobians ``(M, O, P)``."""
-        J_flat = J.reshape(-1, J.shape[-1])
-        eigvals, eigvecs = symeig(J_flat @ J_flat.T)
-        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
-        tol = eigvals[0] * len(eigvals) * torch.finfo(eigvals.dtype).eps
-        k = min(self.n_eigenvalues, int((eigvals > tol).sum()))
-        if k < self.n_eigenvalues:
-            warnings.warn(
-                f"Only {k} of n_eigenvalues={self.n_eigenvalues} eigenvalues of the "
-                f"subsample's NTK Gram matrix are numerically non-zero; using {k}.",
-                stacklevel=3,
-            )
-        return J_flat.T @ (eigvecs[:, :k] / eigvals[:k].sqrt())
 
     def _accumulate(
         self,
@@ -247,26 +247,10 @@ class ELLA(BaseFunctionalLaplace):
     def _features(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs ``(batch, O)`` and features ``J(x) V`` ``(batch, O, k)`` via
         Jacobian-vector products (no ``(batch, O, P)`` Jacobian)."""
-        primals = {n: p.detach() for n, p in self.backend.params_dict.items()}
-        sizes = [p.numel() for p in primals.values()]
-
-        def forward(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return functional_call(self.model, params, (x,))
-
-        def push(direction: torch.Tensor) -> torch.Tensor:
-            chunks = direction.split(sizes)
-            tangents = {
-                n: c.view_as(p).to(p.dtype)
-                for (n, p), c in zip(primals.items(), chunks)
-            }
-            return jvp(forward, (primals,), (tangents,))[1]
-
-        pushed = [
-            vmap(push)(chunk.T)
-            for chunk in self.dual_directions.split(_DIRECTION_CHUNK, dim=1)
-        ]
-        phi = torch.cat(pushed).permute(1, 2, 0).to(self._dtype)
-        return forward(primals).to(self._dtype), phi
+        f, phi = jvp_features(
+            self.model, self.backend.params_dict, self.dual_directions, x
+        )
+        return f.to(self._dtype), phi.to(self._dtype)
 
     @property
     def chol_precision(self) -> torch.Tensor:
@@ -323,14 +307,33 @@ class ELLA(BaseFunctionalLaplace):
         **kwargs: Any,
     ) -> None:
         """Grid search of the scalar prior precision on ``val_loader`` (the only
-        method ELLA supports); arguments as
-        :meth:`BaseFunctionalLaplace.optimize_prior_precision`."""
-        if str(method).lower() != "gridsearch":
-            raise ValueError(
-                f"ELLA supports only method='gridsearch' (it has no marginal "
-                f"likelihood); got method={method!r}."
+        method ELLA supports; ``'marglik'`` raises ``NotImplementedError``);
+        arguments as :meth:`BaseFunctionalLaplace.optimize_prior_precision`.
+
+        Without ``loss``, each grid point is scored by the validation negative
+        log predictive density: of the probabilities (``link_approx``) for
+        classification, of ``N(f_mu, f_var + sigma_noise^2)`` for regression
+        (the mean squared error would not depend on the prior: ELLA's mean is
+        the network output)."""
+        method = TuningMethod.parse(method, "method")
+        if method is TuningMethod.MARGLIK:
+            raise NotImplementedError(
+                "ELLA has no marginal likelihood; use method='gridsearch' with a "
+                "val_loader."
             )
+        if kwargs.get("loss") is None and self.likelihood is Likelihood.REGRESSION:
+            kwargs["loss"] = self._gaussian_nll
         super().optimize_prior_precision(pred_type=pred_type, method=method, **kwargs)
+
+    def _gaussian_nll(
+        self, f_mu: torch.Tensor, f_var: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean negative log density of targets ``y`` ``(n, O)`` under
+        ``N(f_mu, f_var + sigma_noise^2 I)`` (``f_var`` ``(n, O, O)``), ``()``."""
+        eye = torch.eye(f_mu.shape[-1], device=f_mu.device, dtype=f_mu.dtype)
+        cov = f_var + self.sigma_noise.square().to(f_mu.dtype) * eye
+        dist = torch.distributions.MultivariateNormal(f_mu, covariance_matrix=cov)
+        return -dist.log_prob(y.to(f_mu.dtype)).mean()
 
     def optimize_hyperparameters(
         self, val_loader: Iterable, grid: Iterable[Any]
@@ -369,6 +372,7 @@ class ELLA(BaseFunctionalLaplace):
             "subsample_size": self.subsample_size,
             "n_eigenvalues": self.n_eigenvalues,
             "seed": self.seed,
+            "nystrom_outputs": self.nystrom_outputs,
         }
 
     def _own_state(self) -> dict[str, Any]:

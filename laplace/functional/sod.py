@@ -5,38 +5,40 @@ With the GGN, the Laplace posterior of the linearised network is a GP with the
 (scaled) NTK ``K(x, x') = J(x) J(x')^T / delta`` (isotropic prior precision
 ``delta``) conditioned on ``M`` training points with Gaussian "noise" of
 precision ``c Lambda`` (``c = 1 / (sigma^2 T)``, ``Lambda`` the output Hessian of
-the loss). Writing ``G = L^T J`` (``L L^T = Lambda``) for the ``M * O`` rows of the
-subset and ``A = G G^T = Q diag(a) Q^T``:
+the loss). Writing ``L`` (``L L^T = Lambda``) for the block diagonal of the
+subset's ``M * O`` outputs, ``K_MM = J J^T`` for its kernel and
+``A = L^T K_MM L = Q diag(a) Q^T``:
 
-- ``J* Sigma J*^T = (J* J*^T - U diag(1 / (delta / c + a)) U^T) / delta`` with
-  ``U = J* G^T Q`` (Woodbury),
+- ``J* Sigma J*^T = (K_** - U diag(1 / (delta / c + a)) U^T) / delta`` with
+  ``U = K_*M L Q`` (Woodbury),
 - ``log det P - log det P_0 = sum log(1 + c a / delta)`` (determinant lemma),
 
 the same numbers as the weight-space FullLaplace with the same GGN when ``M = N``.
+The kernels come from the extension points of
+:class:`~laplace.functional.ntk.NTKKernels`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from copy import deepcopy
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from laplace.base import atomic, eval_mode
 from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
 from laplace.functional.base import (
     BaseFunctionalLaplace,
-    Inputs,
     _check_seed,
     _positive_int,
 )
+from laplace.functional.ntk import NTKKernels
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.enums import FeatureReduction, Likelihood
-from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
+from laplace.utils.enums import Likelihood
 from laplace.utils.functional_utils import (
     concatenate_rows,
     preserve_model_gradients,
@@ -44,10 +46,9 @@ from laplace.utils.functional_utils import (
     subset_loader,
 )
 from laplace.utils.linalg import symeig
-from laplace.utils.model_checks import check_extractor_output, check_untied_last_layer
-from laplace.utils.subsets import random_subset_indices
+from laplace.utils.subsets import sod_indices
 
-__all__ = ["FunctionalLaplace", "FunctionalLLLaplace"]
+__all__ = ["FunctionalLaplace"]
 
 # rows of the subset per Jacobian evaluation when restoring a checkpoint
 _CHUNK = 256
@@ -68,7 +69,7 @@ def _check_ggn_backend(backend: type | None, backend_kwargs: dict | None) -> Non
         )
 
 
-class FunctionalLaplace(BaseFunctionalLaplace):
+class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
     """Laplace approximation in function space: a GP with the network's NTK,
     conditioned on a random subset of ``n_subset`` training points.
 
@@ -84,7 +85,8 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         One GP per output: the kernel and ``Lambda`` keep only their
         output-diagonal blocks (cheaper, an approximation for ``O > 1``).
     seed : int, default=0
-        Seed of the subset draw.
+        Seed of the subset draw: ``numpy.random.default_rng(seed).choice(N,
+        n_subset, replace=False)``, the subset laplace-torch picks.
 
     Notes
     -----
@@ -118,7 +120,8 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         self.seed = _check_seed(seed)
         self.independent_outputs = bool(independent_outputs)
         _check_ggn_backend(backend, backend_kwargs)
-        self._G: torch.Tensor | None = None
+        self._J_subset: torch.Tensor | None = None
+        self._L_subset: torch.Tensor | None = None
         super().__init__(
             model,
             likelihood,
@@ -139,12 +142,11 @@ class FunctionalLaplace(BaseFunctionalLaplace):
     @preserve_model_gradients
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``
-        (``train_loader.dataset`` must be indexable). Only a fit that completes
-        changes the object."""
-        n_total = dataset_size(train_loader)
+        (``train_loader.dataset`` must be indexable); see
+        :meth:`_get_SoD_data_loader`. Only a fit that completes changes the
+        object."""
         self._before_fit(train_loader)
-        indices = random_subset_indices(n_total, self.n_subset, self.seed)
-        batches = self._batches(subset_loader(train_loader, indices))
+        batches = self._batches(self._get_SoD_data_loader(train_loader))
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -158,7 +160,7 @@ class FunctionalLaplace(BaseFunctionalLaplace):
                 jacobians.append(Js)
                 outputs.append(f)
         if not outputs:
-            raise ValueError("train_loader yielded no batches.")
+            raise ValueError("The subset-of-data loader yielded no batches.")
         J, f = torch.cat(jacobians), torch.cat(outputs)
         finite = torch.isfinite(torch.as_tensor(loss)).all()
         if not (finite and torch.isfinite(J).all() and torch.isfinite(f).all()):
@@ -171,11 +173,20 @@ class FunctionalLaplace(BaseFunctionalLaplace):
                 "n_outputs": int(f.shape[-1]),
                 "_subset_inputs": concatenate_rows(inputs),
                 "loss": loss,
-                "n_data": self.n_subset,
+                "n_data": len(f),
                 "mean": self._parameter_vector(),
                 **self._factorization(J, f),
             }
         )
+        self._hyperparameters_changed()
+
+    def _get_SoD_data_loader(self, train_loader: Iterable) -> DataLoader:
+        """The subset of data: a loader over the rows
+        ``numpy.random.default_rng(seed).choice(N, n_subset, replace=False)`` of
+        ``train_loader.dataset`` (``N`` rows), in that order, not shuffled, with
+        the batch size (and collate function) of ``train_loader``."""
+        indices = sod_indices(dataset_size(train_loader), self.n_subset, self.seed)
+        return subset_loader(train_loader, indices)
 
     def _before_fit(self, train_loader: Iterable) -> None:
         """Hook run before the subset pass: check the model's outputs (and find
@@ -183,19 +194,31 @@ class FunctionalLaplace(BaseFunctionalLaplace):
         self._check_first_batch(train_loader)
 
     def _factorization(self, J: torch.Tensor, f: torch.Tensor) -> dict[str, Any]:
-        """``G = L^T J`` ``(M, O, P)`` and the eigendecomposition of ``G G^T``
-        (per output with ``independent_outputs``), as attributes to assign."""
+        """The subset's Jacobians ``J`` ``(M, O, P)``, the factors ``L``
+        ``(M, O, O)`` of its output Hessians (``None`` for regression) and the
+        eigendecomposition of ``A = L^T K_MM L`` (per output, with the diagonal
+        of the output Hessians, for ``independent_outputs``), as attributes to
+        assign."""
         L = self._lambda_sqrt(f)
+        K = self._kernel_batch(J, J)
+        M, n_out = f.shape
         if self.independent_outputs:
-            lam = torch.ones_like(f) if L is None else L.square().sum(-1)
-            G = lam.sqrt().unsqueeze(-1) * J
-            A = torch.einsum("mop,nop->omn", G, G)  # (O, M, M)
+            # (M, O): square roots of the diagonal of Lambda
+            scale = torch.ones_like(f) if L is None else L.square().sum(-1).sqrt()
+            A = (scale.T[:, :, None] * K.permute(2, 0, 1)) * scale.T[:, None, :]
+            L = scale
+        elif L is not None:
+            K = K.reshape(M, n_out, M, n_out)
+            A = torch.einsum("moc,mond,nde->mcne", L, K, L).reshape(M * n_out, -1)
         else:
-            G = J if L is None else torch.einsum("noc,nop->ncp", L, J)
-            G_flat = G.reshape(-1, G.shape[-1])
-            A = G_flat @ G_flat.T  # (M * O, M * O)
+            A = K
         eigvals, eigvecs = symeig(0.5 * (A + A.mT))
-        return {"_G": G, "_eigvals": eigvals, "_eigvecs": eigvecs}
+        return {
+            "_J_subset": J,
+            "_L_subset": L,
+            "_eigvals": eigvals,
+            "_eigvecs": eigvecs,
+        }
 
     # ---- marginal likelihood -------------------------------------------------------------
     @property
@@ -229,37 +252,50 @@ class FunctionalLaplace(BaseFunctionalLaplace):
             if self.likelihood is not Likelihood.REGRESSION:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)
 
     # ---- predictive ----------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
         """``1 / (delta / c + a)``, ``(M * O,)`` or ``(O, M)``."""
         return 1.0 / (self._delta / self._H_factor + self._eigvals)
 
+    def _cross_factor(self, Js: torch.Tensor) -> torch.Tensor:
+        """``K_*M L`` for test Jacobians ``(b, O, P)``: ``(b, O, M * O)``, or
+        ``(b, O, M)`` with ``independent_outputs``."""
+        K = self._kernel_batch_star(Js, self._J_subset)
+        L = self._L_subset
+        if self.independent_outputs:  # K (b, M, O), L (M, O)
+            return (K * L).transpose(1, 2)
+        if L is None:  # (b, M, O, O) -> (b, O, M * O)
+            return K.permute(0, 2, 1, 3).reshape(len(Js), Js.shape[1], -1)
+        return torch.einsum("bmoe,mec->bomc", K, L).reshape(len(Js), Js.shape[1], -1)
+
     def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
+        C = self._cross_factor(Js)
         if self.independent_outputs:
-            U = torch.einsum("bop,mop->bom", Js, self._G)
-            U = torch.einsum("bom,oml->bol", U, self._eigvecs)
-            var = Js.square().sum(-1) - (U.square() * self._weights()).sum(-1)
+            U = torch.einsum("bom,oml->bol", C, self._eigvecs)
+            var = self._kernel_star(Js) - (U.square() * self._weights()).sum(-1)
             return torch.diag_embed(var / self._delta)
-        G_flat = self._G.reshape(-1, self._G.shape[-1])
-        U = (Js @ G_flat.T) @ self._eigvecs  # (batch, O, M * O)
-        cov = Js @ Js.mT - (U * self._weights()) @ U.mT
+        U = C @ self._eigvecs  # (batch, O, M * O)
+        cov = self._kernel_star(Js) - (U * self._weights()) @ U.mT
         return cov / self._delta
 
     def functional_covariance(self, Js: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
+        b, n_out = Js.shape[:2]
+        C = self._cross_factor(Js)
+        K = self._kernel_star(Js, joint=True)
         if not self.independent_outputs:
-            return self.functional_variance(Js.reshape(1, -1, Js.shape[-1]))[0]
-        U = torch.einsum("bop,mop->obm", Js, self._G)
-        U = U @ self._eigvecs  # (O, batch, M)
-        per_output = Js.transpose(0, 1) @ Js.permute(1, 2, 0)
-        per_output = per_output - (U * self._weights().unsqueeze(1)) @ U.mT
-        eye = torch.eye(Js.shape[1], device=Js.device, dtype=Js.dtype)
+            K = K.transpose(1, 2).reshape(b * n_out, b * n_out)
+            U = C.reshape(b * n_out, -1) @ self._eigvecs
+            return (K - (U * self._weights()) @ U.mT) / self._delta
+        U = C.transpose(0, 1) @ self._eigvecs  # (O, batch, M)
+        per_output = K.permute(2, 0, 1) - (U * self._weights().unsqueeze(1)) @ U.mT
+        eye = torch.eye(n_out, device=Js.device, dtype=Js.dtype)
         cov = torch.einsum("obc,op->bocp", per_output, eye)
-        n = Js.shape[0] * Js.shape[1]
-        return cov.reshape(n, n) / self._delta
+        return cov.reshape(b * n_out, b * n_out) / self._delta
 
     # ---- checkpoints --------------------------------------------------------------------
     def _configuration(self) -> dict[str, Any]:
@@ -298,130 +334,4 @@ class FunctionalLaplace(BaseFunctionalLaplace):
                 outputs.append(f)
         J, f = torch.cat(jacobians), torch.cat(outputs)
         self._commit({"_subset_inputs": X, **self._factorization(J, f)})
-
-
-class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
-    """:class:`FunctionalLaplace` over the last layer only: the GP inputs are the
-    penultimate features of a deep copy of ``model`` (wrapped in a
-    :class:`~laplace.utils.feature_extractor.FeatureExtractor`).
-
-    Parameters
-    ----------
-    feature_reduction : FeatureReduction or str, optional
-        'pick_first', 'pick_last' or 'average' for ``(batch, seq, dim)`` features.
-    last_layer_name : str, optional
-        Found on the first batch of ``fit`` when ``None``.
-    """
-
-    _key = ("last_layer", "gp")
-    _state_keys = ("subset_inputs", "last_layer_name")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        n_subset: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        last_layer_name: str | None = None,
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        independent_outputs: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
-        extractor = FeatureExtractor(
-            deepcopy(model),
-            last_layer_name=last_layer_name,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
-        )
-        super().__init__(
-            extractor,
-            likelihood,
-            n_subset,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            independent_outputs=independent_outputs,
-            seed=seed,
-        )
-
-    def _init_params(self) -> None:
-        if self.model.last_layer is None:
-            # found on the first batch of fit()
-            self.params, self.mean, self.n_params, self.n_layers = [], None, None, 0
-            return
-        check_untied_last_layer(
-            self.model.model, self.model.last_layer, self.model.last_layer_name
-        )
-        super()._init_params()
-
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.last_layer.parameters() if p.requires_grad]
-
-    def _backend_init_kwargs(self) -> dict[str, Any]:
-        return {**super()._backend_init_kwargs(), "last_layer": True}
-
-    def _before_fit(self, train_loader: Iterable) -> None:
-        X, _ = next(self._batches(train_loader), (None, None))
-        if X is None:
-            raise ValueError("train_loader yielded no batches.")
-        if self.model.last_layer is None:
-            with torch.no_grad(), eval_mode(self.model):
-                out, phi = self.model.find_last_layer_with_features(X)
-            self._backend = None
-            self._init_params()
-            self._check_last_layer_outputs(out, phi)
-        else:
-            self._check_model_outputs(X)
-
-    def _check_model_outputs(self, X: Inputs) -> int:
-        with torch.no_grad(), eval_mode(self.model):
-            out, phi = self.model.forward_with_features(X)
-        return self._check_last_layer_outputs(out, phi)
-
-    def _check_last_layer_outputs(self, out: Any, phi: torch.Tensor) -> int:
-        f = check_extractor_output(self.model, out, phi, self.likelihood)
-        self._outputs_checked = True
-        return f.shape[-1]
-
-    def _jacobians(
-        self, x: Inputs, enable_backprop: bool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        backprop = self.enable_backprop if enable_backprop is None else enable_backprop
-        Js, f = self.backend.last_layer_jacobians(x, enable_backprop=backprop)
-        return Js.to(self._dtype), f.to(self._dtype)
-
-    def _own_state(self) -> dict[str, Any]:
-        return {**super()._own_state(), "last_layer_name": self.model.last_layer_name}
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        name = state_dict["last_layer_name"]
-        if not isinstance(name, str):
-            raise TypeError(
-                "State dict entry 'last_layer_name' must be a str; got "
-                f"{type(name).__name__}."
-            )
-        if self.model.last_layer is None:
-            self.model.set_last_layer(name)
-            self._backend = None
-            self._init_params()
-        elif name != self.model.last_layer_name:
-            raise ValueError(
-                f"State dict was fitted on last layer {name!r}, this Laplace uses "
-                f"{self.model.last_layer_name!r}."
-            )
+        self._hyperparameters_changed()

@@ -104,7 +104,9 @@ class VaLLA(BaseFunctionalLaplace):
         Packed (row-major) lower triangle of the whitened factor of ``S``.
     log_prior_precision, log_noise_variance : Tensor ``()``
     fit_history_ : dict
-        ``objective`` per Adam step and ``val_nll`` per validation check.
+        ``objective`` per Adam step, the minimised loss (the negative
+        alpha-energy of the step's minibatch, as laplace-torch records it), and
+        ``val_nll`` per validation check.
     """
 
     _key = ("all", "variational")
@@ -317,7 +319,8 @@ class VaLLA(BaseFunctionalLaplace):
             )
             (-objective).backward()
             optimizer.step()
-            self.fit_history_["objective"].append(float(objective.detach()))
+            # laplace-torch's sign: the loss Adam minimises
+            self.fit_history_["objective"].append(-float(objective.detach()))
             self.L = packed.detach().clone()
             self.prior_precision = log_delta.detach().exp()
             if self._learns_noise:
@@ -338,7 +341,7 @@ class VaLLA(BaseFunctionalLaplace):
         """Minibatch estimate of the alpha-energy, ``()``: the data term of the
         batch ``(X, y)`` scaled by ``n_data / batch / temperature``, minus the KL;
         differentiable w.r.t. the packed whitened factor ``packed_L`` and the two
-        log hyperparameters."""
+        log hyperparameters; ``fit`` maximises it."""
         self._check_fitted()
         terms = self._terms(to_device(X, self._device), y.to(self._device))
         return self._objective(

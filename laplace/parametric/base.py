@@ -115,12 +115,13 @@ class ParametricLaplace(
     # ---- curvature -----------------------------------------------------------------
     @property
     def H(self) -> Any:
-        """The curvature (log-likelihood Hessian approximation). Before
+        """The curvature (log-likelihood Hessian approximation) in the model's
+        dtype (kept as ``_H``, float32 for half-precision models). Before
         :meth:`fit` a zero object of the final structure, allocated on first
         access (``None`` while the treated parameters are unknown)."""
         if self._H is None and self.params:
             self._H = self._zero_H()
-        return self._H
+        return self._to_output(self._H)
 
     @H.setter
     def H(self, value: Any) -> None:
@@ -223,7 +224,7 @@ class ParametricLaplace(
     def _carried_H(self, n_new: int) -> Any:
         """The current curvature, to be added to that of ``n_new`` new data points
         (``fit(..., override=False)``)."""
-        return self.H
+        return self._H
 
     def _reduce_across_ranks(
         self, loss: Any, H: Any, seen: int
@@ -299,6 +300,11 @@ class ParametricLaplace(
     # ---- marginal likelihood ------------------------------------------------------
     @property
     def posterior_precision(self) -> Any:
+        """The posterior precision, in the model's dtype."""
+        return self._to_output(self._posterior_precision)
+
+    @property
+    def _posterior_precision(self) -> Any:
         raise NotImplementedError
 
     @property
@@ -389,4 +395,5 @@ class ParametricLaplace(
             if self.likelihood is not Likelihood.REGRESSION:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
-        return self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)

@@ -137,7 +137,7 @@ class ParametricCheckpointMixin:
 
     def _H_state(self) -> Any:
         """The curvature as saved in ``state_dict()['H']``."""
-        return self.H
+        return self._H
 
     def _validated_H(self, value: Any) -> Any:
         """The summed curvature from ``state_dict['H']``, checked against this

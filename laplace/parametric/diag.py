@@ -40,27 +40,27 @@ class DiagLaplace(ParametricLaplace):
         return {}
 
     @property
-    def posterior_precision(self) -> torch.Tensor:
+    def _posterior_precision(self) -> torch.Tensor:
         """``(n_params,)``."""
         self._check_fitted()
-        return self._H_factor * self.H + self.prior_precision_diag
+        return self._H_factor * self._H + self.prior_precision_diag
 
     @property
     def posterior_scale(self) -> torch.Tensor:
         """Posterior standard deviations, ``(n_params,)``."""
-        return self.posterior_precision.rsqrt()
+        return self._posterior_precision.rsqrt()
 
     @property
     def posterior_variance(self) -> torch.Tensor:
         """Posterior variances, ``(n_params,)``."""
-        return self.posterior_precision.reciprocal()
+        return self._posterior_precision.reciprocal()
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        return self.posterior_precision.log().sum()
+        return self._posterior_precision.log().sum()
 
     def _H_spectrum(self) -> tuple[torch.Tensor, int]:
-        return self.H, self.H.numel()
+        return self._H, self._H.numel()
 
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
         return (W * self.posterior_variance) @ W.transpose(-1, -2)
@@ -78,7 +78,7 @@ class DiagLaplace(ParametricLaplace):
         return self._per_layer_glm(x, blocks, diagonal)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta @ (self.posterior_precision * delta)
+        return delta @ (self._posterior_precision * delta)
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
         return eps * self.posterior_scale

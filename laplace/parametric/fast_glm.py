@@ -142,12 +142,14 @@ def row_chunks(x: Tensor | MutableMapping, rows: int, dict_key_x: str):
         yield select_rows(x, slice(start, start + rows), n)
 
 
-def _probe_sizes(plan, model, x, dict_key_x) -> tuple[int, int]:
+def _probe_sizes(plan, model, x, dict_key_x) -> tuple[int, int, int]:
     """Per sample and output: elements of all layer outputs, and of the largest
-    multi-position layer Jacobian (0 if none)."""
+    multi-position layer Jacobian (0 if none); and the number of outputs of the
+    network on these inputs. ``(-1, -1, -1)`` when the plan does not apply."""
     first = select_rows(x, slice(0, 1), batch_size(x, dict_key_x))
-    if forward_with_factors(model, plan, first, 1, keep_graph=False) is None:
-        return -1, -1
+    f = forward_with_factors(model, plan, first, 1, keep_graph=False)
+    if f is None:
+        return -1, -1, -1
     outputs = sum(layer.s.numel() for layer in plan)
     # a multi-position layer holds its Jacobian (out * in per output) in the basis
     jac = max(
@@ -160,7 +162,7 @@ def _probe_sizes(plan, model, x, dict_key_x) -> tuple[int, int]:
     )
     for layer in plan:
         layer.a = layer.s = None
-    return outputs, jac
+    return outputs, jac, int(f.shape[1])
 
 
 Variance = Callable[[list[LayerFactors], bool], Tensor]
@@ -200,7 +202,6 @@ def per_layer_glm(
     params: list[Tensor],
     variance: Variance,
     x: Tensor | MutableMapping,
-    n_outputs: int,
     diagonal: bool,
     keep_graph: bool,
     budget: int,
@@ -210,16 +211,19 @@ def per_layer_glm(
     """Outputs ``(batch, O)`` and GLM variances ``(batch, O, O)`` (or ``(batch, O)``
     with ``diagonal``) from per-layer factors; ``None`` when the network has a
     treated parameter outside a supported layer, so the caller falls back to
-    Jacobians.
+    Jacobians. ``O`` is the width of the network's output on ``x`` (which may
+    differ from the fit's, e.g. reward models on pairs).
 
     ``budget`` bounds the elements held at once (output gradients, and
     ``per_output_extra`` more per sample and output, e.g. a Jacobian row): rows
-    are processed in chunks and, for ``diagonal``, outputs too.
+    are processed in chunks and, for ``diagonal``, outputs too. The outputs are
+    those of one forward pass over the whole batch, as ``model(x)`` gives them,
+    also when the variances were computed in chunks of rows.
     """
     plan = layer_plan(model, params)
     if plan is None:
         return None
-    per_output, jac = _probe_sizes(plan, model, x, dict_key_x)
+    per_output, jac, n_outputs = _probe_sizes(plan, model, x, dict_key_x)
     if per_output < 0:
         return None
     per_row = per_output + jac + per_output_extra
@@ -245,7 +249,13 @@ def per_layer_glm(
         f_all.append(f if keep_graph else f.detach())
         var_all.append(torch.cat(parts, dim=1) if diagonal else parts[0])
     var = torch.cat(var_all)
-    return torch.cat(f_all), var if keep_graph else var.detach()
+    if len(f_all) == 1:
+        return f_all[0], var if keep_graph else var.detach()
+    # outputs of row chunks can differ from one pass over the batch in the last
+    # bits (other matmul blocking): the mean is the network's output
+    with torch.set_grad_enabled(keep_graph):
+        f = model(x)
+    return f, var if keep_graph else var.detach()
 
 
 # ---- last layer, full covariance ---------------------------------------------------

@@ -55,14 +55,14 @@ class FullLaplace(ParametricLaplace):
     def H_eigenvalues(self) -> torch.Tensor:
         """Eigenvalues of the curvature ``H`` (computed once, cached)."""
         if getattr(self, "_H_eigenvalues", None) is None:
-            self._H_eigenvalues = torch.linalg.eigvalsh(self.H)
+            self._H_eigenvalues = torch.linalg.eigvalsh(self._H)
         return self._H_eigenvalues
 
     @property
-    def posterior_precision(self) -> torch.Tensor:
+    def _posterior_precision(self) -> torch.Tensor:
         """``(n_params, n_params)``."""
         self._check_fitted()
-        return self._H_factor * self.H + torch.diag(self.prior_precision_diag)
+        return self._H_factor * self._H + torch.diag(self.prior_precision_diag)
 
     @property
     def posterior_scale(self) -> torch.Tensor:
@@ -83,7 +83,7 @@ class FullLaplace(ParametricLaplace):
         needs_graph = torch.is_grad_enabled() and self._hyperparameters_need_grad()
         if self._chol_cache is not None and not needs_graph:
             return self._chol_cache
-        L = self._cholesky(self.posterior_precision)
+        L = self._cholesky(self._posterior_precision)
         if not needs_graph:
             self._chol_cache = L.detach()
         return L
@@ -128,7 +128,7 @@ class FullLaplace(ParametricLaplace):
                     "the prior precision."
                 )
             return evals.log().sum()
-        L = self._cholesky(self.posterior_precision)
+        L = self._cholesky(self._posterior_precision)
         return 2 * L.diagonal().log().sum()
 
     def _H_spectrum(self) -> tuple[torch.Tensor, int]:
@@ -147,7 +147,7 @@ class FullLaplace(ParametricLaplace):
         return WS @ WS.transpose(-1, -2)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta @ self.posterior_precision @ delta
+        return delta @ self._posterior_precision @ delta
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
         # rows eps S^T with S = L^{-T}: solve L^T d^T = eps^T, half the work of a

@@ -117,27 +117,27 @@ class KronLaplace(ParametricLaplace):
         return self.prior_precision.expand(self.n_layers)
 
     @property
-    def posterior_precision(self) -> KronDecomposed:
+    def _posterior_precision(self) -> KronDecomposed:
         """:class:`KronDecomposed` with the prior added to each block."""
         self._check_fitted()
-        return self.H * self._H_factor + self._prior_deltas
+        return self._H * self._H_factor + self._prior_deltas
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        return self.posterior_precision.logdet()
+        return self._posterior_precision.logdet()
 
     def _H_spectrum(self) -> tuple[torch.Tensor, int] | None:
-        if self.damping or not isinstance(self.H, KronDecomposed):
+        if self.damping or not isinstance(self._H, KronDecomposed):
             # damping adds the prior to each factor, not to the product's eigenvalues
             return None
         evals = [
             torch.outer(*ls).flatten() if len(ls) == 2 else ls[0]
-            for ls in self.H.eigenvalues
+            for ls in self._H.eigenvalues
         ]
         return torch.cat(evals), self.n_layers
 
     def _cov_square_form(self, W: torch.Tensor) -> torch.Tensor:
-        return self.posterior_precision.inv_square_form(W)
+        return self._posterior_precision.inv_square_form(W)
 
     def _glm_fast_route(
         self, x: Any, diagonal: bool
@@ -145,13 +145,14 @@ class KronLaplace(ParametricLaplace):
         # per layer in the factors' eigenbases: no Jacobians (see fast_glm)
         if not self._treats_all_weights:
             return None
-        return self._per_layer_glm(x, kron_blocks(self.posterior_precision), diagonal)
+        blocks = kron_blocks(self._posterior_precision)
+        return self._per_layer_glm(x, blocks, diagonal)
 
     def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta @ self.posterior_precision.bmm(delta, exponent=1)
+        return delta @ self._posterior_precision.bmm(delta, exponent=1)
 
     def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        return self.posterior_precision.covariance_root_bmm(eps)
+        return self._posterior_precision.covariance_root_bmm(eps)
 
     def _H_state(self) -> list[list[torch.Tensor]]:
         # laplace-torch's format: the factors, one list per parameter tensor

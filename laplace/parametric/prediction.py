@@ -4,7 +4,7 @@ which propagates the Gaussian through the network's Jacobian, and the sampling
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -19,18 +19,20 @@ from laplace.parametric.fast_glm import (
 )
 from laplace.parametric.sampling import (
     mean_and_variance,
-    outputs_under_weights,
-    sample_chunk_rows,
     softmax_mean,
 )
+from laplace.parametric.weight_samples import WeightSamplesMixin
 from laplace.predictive import glm_link
+from laplace.utils.data import batch_size
+from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import Likelihood, LinkApprox, PredType
+from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 
 Inputs = torch.Tensor | MutableMapping
 
 
-class ParametricPredictionMixin:
+class ParametricPredictionMixin(WeightSamplesMixin):
     """Prediction methods of :class:`~laplace.ParametricLaplace`."""
 
     #: Entries of Jacobians (or of per-layer output gradients) that a GLM
@@ -89,27 +91,48 @@ class ParametricPredictionMixin:
         mean ``(batch, n_outputs)`` and variance ``(batch, n_outputs, n_outputs)``
         (``(batch, n_outputs)`` with ``diagonal_output``; with ``joint=True`` a mean
         ``(batch * n_outputs,)`` and covariance ``(batch * n_outputs,)*2``). The
-        observation noise ``sigma_noise**2`` is not included.
+        observation noise ``sigma_noise**2`` is not included. All in the model's
+        dtype.
         """
         pred_type, link_approx = self._check_predict_args(
             pred_type, link_approx, n_samples, generator, joint
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            width = self._empty_width(x)
+            if width is not None:
+                empty = empty_predictive(
+                    width,
+                    self.mean,
+                    self._predicts_classes(fitting),
+                    joint,
+                    diagonal_output or pred_type is PredType.NN,
+                )
+                return self._to_output(empty)
             if pred_type is PredType.NN:
                 # Monte Carlo averages over chunks: all outputs are never held
                 chunks = self._nn_output_chunks(x, n_samples, generator, model_kwargs)
+                chunks = (chunk.to(self._dtype) for chunk in chunks)
                 if self._predicts_classes(fitting):
-                    return softmax_mean(chunks)
-                return mean_and_variance(chunks)
+                    return self._to_output(softmax_mean(chunks))
+                return self._to_output(mean_and_variance(chunks))
             classification = self._predicts_classes(fitting)
             probit_only = classification and link_approx is LinkApprox.PROBIT
             f_mu, f_var = self._glm_predictive_distribution(
                 x, joint=joint, diagonal_output=diagonal_output or probit_only
             )
             if not classification:
-                return f_mu, f_var
-            return glm_link(f_mu, f_var, link_approx, n_samples, generator)
+                return self._to_output((f_mu, f_var))
+            probs = glm_link(
+                f_mu.to(f_var.dtype), f_var, link_approx, n_samples, generator
+            )
+            return self._to_output(probs)
+
+    def _empty_width(self, x: Inputs) -> int | None:
+        """The network's output width when ``x`` has no rows, else ``None``."""
+        if batch_size(x, self.dict_key_x) > 0:
+            return None
+        return empty_output_width(lambda: self._network_output(x), self.n_outputs)
 
     def _predicts_classes(self, fitting: bool) -> bool:
         """Class probabilities for classification, and for reward modelling on
@@ -141,25 +164,45 @@ class ParametricPredictionMixin:
     def _glm_predictive_distribution(
         self, x: Inputs, joint: bool = False, diagonal_output: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean ``(batch, n_outputs)`` and covariance of the linearised network.
+        """Mean ``(batch, K)`` and covariance of the linearised network, ``K`` the
+        width of the network's output on ``x``.
 
-        Structures with a cheaper exact route than Jacobians use it (see
-        :meth:`_glm_fast_route`); otherwise Jacobians are formed a chunk of rows
-        at a time, at most ``glm_chunk_elements`` entries at once.
+        The mean is the network's output, ``model(x)`` in one forward pass, so
+        every route (and ``joint``) gives the same numbers. Structures with a
+        cheaper exact route than Jacobians use it (see :meth:`_glm_fast_route`);
+        otherwise Jacobians are formed a chunk of rows at a time, at most
+        ``glm_chunk_elements`` entries at once. A batch without rows gives
+        moments without rows.
         """
+        width = self._empty_width(x)
+        if width is not None:
+            return empty_predictive(width, self.mean, False, joint, diagonal_output)
         if joint:
-            Js, f_mu = self._jacobians(x)
+            Js, f_mu = self._jacobians_and_output(x)
             return f_mu.flatten(), self.functional_covariance(Js)
         fast = self._glm_fast_route(x, diagonal_output)
         if fast is not None:
             return fast
         rows = max(1, self.glm_chunk_elements // (self.n_outputs * self.n_params))
-        means, variances = [], []
-        for xc in row_chunks(x, rows, self.dict_key_x):
-            Js, f_mu = self._jacobians(xc)
-            means.append(f_mu)
-            variances.append(self._square_form(Js, diagonal_output))
-        return torch.cat(means), torch.cat(variances)
+        if rows >= batch_size(x, self.dict_key_x):
+            Js, f_mu = self._jacobians_and_output(x)
+            return f_mu, self._square_form(Js, diagonal_output)
+        variances = [
+            self._square_form(self._jacobians(xc)[0], diagonal_output)
+            for xc in row_chunks(x, rows, self.dict_key_x)
+        ]
+        return self._network_output(x), torch.cat(variances)
+
+    def _network_output(self, x: Inputs) -> torch.Tensor:
+        """``model(x)``: the predictive mean, in one forward pass over the batch."""
+        return self.model(x)
+
+    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jacobians ``(batch, K, P)`` and the network output ``(batch, K)`` of
+        :meth:`_network_output` (the Jacobian routes evaluate the network per
+        sample, which may round differently)."""
+        Js, _ = self._jacobians(x)
+        return Js, self._network_output(x)
 
     def _glm_fast_route(
         self, x: Inputs, diagonal: bool
@@ -189,7 +232,6 @@ class ParametricPredictionMixin:
             self.params,
             variance,
             x,
-            self.n_outputs,
             diagonal,
             keep_graph=self.enable_backprop,
             budget=self.glm_chunk_elements,
@@ -229,18 +271,43 @@ class ParametricPredictionMixin:
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Samples of the latent function at ``x``: ``(n_samples, batch, n_outputs)``."""
+        """Samples of the latent function at ``x``: ``(n_samples, batch, n_outputs)``,
+        in the model's dtype."""
+        return self._to_output(
+            self._function_samples(x, pred_type, n_samples, diagonal_output, generator)
+        )
+
+    def _function_samples(
+        self,
+        x: Inputs,
+        pred_type: PredType | str,
+        n_samples: int,
+        diagonal_output: bool,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """:meth:`functional_samples` in the computation dtype."""
         pred_type, _ = self._check_predict_args(
             pred_type, LinkApprox.MC, n_samples, generator
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
+            width = self._empty_width(x)
+            if width is not None:
+                return self.mean.new_zeros(n_samples, 0, width)
+            check_function_samples(
+                n_samples,
+                batch_size(x, self.dict_key_x),
+                self.n_outputs,
+                max(self.mean.element_size(), 4),
+                self._device,
+            )
             if pred_type is PredType.NN:
-                return self._nn_function_samples(x, n_samples, generator, {})
+                samples = self._nn_function_samples(x, n_samples, generator, {})
+                return samples.to(self._dtype)
             f_mu, f_var = self._glm_predictive_distribution(
                 x, diagonal_output=diagonal_output
             )
-            return normal_samples(f_mu, f_var, n_samples, generator)
+            return normal_samples(f_mu.to(f_var.dtype), f_var, n_samples, generator)
 
     def predictive_samples(
         self,
@@ -251,107 +318,10 @@ class ParametricPredictionMixin:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Like :meth:`functional_samples`, with the softmax applied for
-        classification: ``(n_samples, batch, n_outputs)``."""
-        samples = self.functional_samples(
+        classification: ``(n_samples, batch, n_outputs)``, in the model's dtype."""
+        samples = self._function_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )
         if self.likelihood is Likelihood.CLASSIFICATION:
-            return torch.softmax(samples, dim=-1)
-        return samples
-
-    # ---- weight samples --------------------------------------------------------------
-    #: Entries of weight samples (and, last-layer, of their outputs) that the ``nn``
-    #: predictive holds at once; more samples are drawn and run in chunks.
-    sample_chunk_elements: int = 2**20
-
-    def sample(
-        self, n_samples: int = 100, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Weight samples from the posterior, ``(n_samples, n_params)``."""
-        self._check_fitted()
-        return torch.cat(list(self._weight_sample_chunks(n_samples, generator)))
-
-    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _weight_sample_chunks(
-        self,
-        n_samples: int,
-        generator: torch.Generator | None,
-        max_rows: int | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """The rows of :meth:`sample` in chunks ``(rows, n_params)`` of at most
-        ``sample_chunk_elements`` entries (and ``max_rows`` rows) where the random
-        stream allows it; the numbers do not depend on the chunking."""
-        if type(self).sample is not ParametricPredictionMixin.sample:
-            # a subclass draws its own way (e.g. a subnetwork): keep its numbers
-            yield from self.sample(n_samples, generator).split(max_rows or n_samples)
-            return
-        self._check_fitted()
-        rows = max(1, self.sample_chunk_elements // self.n_params)
-        sizes = sample_chunk_rows(n_samples, self.n_params, min(rows, max_rows or rows))
-        if self._draws_noise_in_chunks():
-            noise = (self._noise(size, generator) for size in sizes)
-        else:
-            noise = iter(self._noise(n_samples, generator).split(sizes))
-        for eps in noise:
-            # deviations are a fresh tensor: add the mean in place
-            yield self._sample_deviations(eps).add_(self.mean)
-
-    def _draws_noise_in_chunks(self) -> bool:
-        # CPU noise drawn chunk by chunk equals one draw (see sample_chunk_rows);
-        # other devices' generators do not promise that: draw once, map in chunks
-        return self._device.type == "cpu"
-
-    def _noise(self, rows: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Standard-normal noise ``(rows, n_params)``."""
-        return torch.randn(
-            rows,
-            self.n_params,
-            device=self._device,
-            dtype=self._dtype,
-            generator=generator,
-        )
-
-    def _nn_function_samples(
-        self,
-        x: Inputs,
-        n_samples: int,
-        generator: torch.Generator | None,
-        model_kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``."""
-        return torch.cat(
-            list(self._nn_output_chunks(x, n_samples, generator, model_kwargs))
-        )
-
-    def _nn_output_chunks(
-        self,
-        x: Inputs,
-        n_samples: int,
-        generator: torch.Generator | None,
-        model_kwargs: dict[str, Any],
-    ) -> Iterator[torch.Tensor]:
-        """Outputs ``(rows, batch, n_outputs)`` for consecutive chunks of weight
-        samples: one forward pass per sample, the samples swapped in for the
-        treated parameters (restored afterwards, also on errors)."""
-
-        def forward() -> torch.Tensor:
-            return self.model(x, **model_kwargs)
-
-        for thetas in self._weight_sample_chunks(n_samples, generator):
-            values = self._unflatten_rows(thetas)
-            yield outputs_under_weights(self.model, self.params, values, forward)
-
-    def _unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """One flat sample ``(n_params,)`` as tensors shaped like the parameters."""
-        return [t[0] for t in self._unflatten_rows(theta.unsqueeze(0))]
-
-    def _unflatten_rows(self, thetas: torch.Tensor) -> list[torch.Tensor]:
-        """Samples ``(n, n_params)`` as ``(n, *p.shape)`` per parameter ``p``, in
-        the parameter's dtype (views where the dtype agrees)."""
-        chunks = torch.split(thetas, self._layer_sizes, dim=-1)
-        return [
-            c.reshape(len(thetas), *p.shape).to(p.dtype)
-            for c, p in zip(chunks, self.params)
-        ]
+            samples = torch.softmax(samples, dim=-1)
+        return self._to_output(samples)

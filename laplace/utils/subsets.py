@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["SoDSampler", "balanced_indices", "random_subset_indices"]
+__all__ = ["SoDSampler", "balanced_indices", "random_subset_indices", "sod_indices"]
 
 
-def random_subset_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
-    """``n_subset`` distinct indices of ``range(n_data)`` drawn uniformly with
-    ``seed`` (reproducible, independent of the global RNG), ``(n_subset,)``."""
+def _check_sizes(n_data: int, n_subset: int) -> None:
     for name, value in (("n_data", n_data), ("n_subset", n_subset)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}.")
@@ -22,8 +21,24 @@ def random_subset_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Te
         raise ValueError(
             f"n_subset={n_subset} exceeds the number of training points {n_data}."
         )
+
+
+def random_subset_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
+    """``n_subset`` distinct indices of ``range(n_data)`` drawn uniformly with
+    ``seed`` (reproducible, independent of the global RNG), ``(n_subset,)``."""
+    _check_sizes(n_data, n_subset)
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n_data, generator=generator)[:n_subset]
+
+
+def sod_indices(n_data: int, n_subset: int, seed: int = 0) -> torch.Tensor:
+    """The subset of data laplace-torch picks for the subset-of-data GP
+    (``FunctionalLaplace``, ``SoDSampler``): ``n_subset`` distinct indices of
+    ``range(n_data)``, ``numpy.random.default_rng(seed).choice(n_data, n_subset,
+    replace=False)`` in that order, ``(n_subset,)`` int64."""
+    _check_sizes(n_data, n_subset)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.choice(n_data, n_subset, replace=False)).long()
 
 
 def balanced_indices(targets: torch.Tensor, n_subset: int, seed: int) -> torch.Tensor:
@@ -53,7 +68,8 @@ def balanced_indices(targets: torch.Tensor, n_subset: int, seed: int) -> torch.T
 
 class SoDSampler(Sampler[int]):
     """Sampler over a fixed random subset of ``M`` of the ``N`` data points
-    (subset of data), the same subset on every pass.
+    (subset of data, :func:`sod_indices`), the same subset in the same order on
+    every pass.
 
     Parameters
     ----------
@@ -65,7 +81,7 @@ class SoDSampler(Sampler[int]):
     """
 
     def __init__(self, N: int, M: int, seed: int = 0) -> None:
-        self.indices = random_subset_indices(N, M, seed)
+        self.indices = sod_indices(N, M, seed)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices.tolist())

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from laplace.utils.data import split_batch, to_device
+from laplace.utils.enums import Likelihood
 
 
 def _is_running_metric(loss: Any) -> bool:
@@ -37,11 +38,19 @@ def validate(
     if running:
         loss.reset()
     means, variances, targets = [], [], []
+    # reward models are scored as classifiers of their preference pairs (the
+    # probabilities of fitting=True), as laplace-torch does
+    rewards = getattr(laplace, "likelihood", None) is Likelihood.REWARD_MODELING
+    pair_kwargs = {"fitting": True} if rewards else {}
     for batch in val_loader:
         X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, laplace._device), y.to(laplace._device)
         out = laplace(
-            X, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
+            X,
+            pred_type=pred_type,
+            link_approx=link_approx,
+            n_samples=n_samples,
+            **pair_kwargs,
         )
         mean, var = out if isinstance(out, tuple) else (out, None)
         if running:
