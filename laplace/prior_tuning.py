@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from laplace.utils.enums import Likelihood, PriorStructure, TuningMethod
-from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
 from laplace.utils.utils import fix_prior_prec_structure
 from laplace.utils.validation import validate
 
@@ -61,6 +60,9 @@ def optimize_prior_precision(
         if val_loader is None:
             raise ValueError("method='gridsearch' needs a val_loader.")
         if loss is None:
+            # imported here: torchmetrics takes seconds to import
+            from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
+
             loss = (
                 RunningNLLMetric()
                 if la.likelihood is Likelihood.CLASSIFICATION
