@@ -482,6 +482,30 @@ def test_gridsearch_with_torchmetrics_calibration_error():
     assert float(la.prior_precision) == pytest.approx(expected, rel=1e-12)
 
 
+def test_validate_scores_on_the_metric_device():
+    from laplace.utils import validate
+
+    la, val = _fitted("classification", 3)
+
+    class Recorder:
+        """A running metric that lives on the meta device."""
+
+        device = torch.device("meta")
+
+        def reset(self):
+            self.devices = []
+
+        def update(self, probs, targets):
+            self.devices.append((probs.device.type, targets.device.type))
+
+        def compute(self):
+            return torch.tensor([1.0, 3.0])  # one value per output: averaged
+
+    recorder = Recorder()
+    assert validate(la, val, recorder) == 2.0
+    assert recorder.devices == [("meta", "meta")] * len(val)
+
+
 def test_gridsearch_default_losses_are_torchmetrics(monkeypatch):
     from laplace.utils import validation
 
