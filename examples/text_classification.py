@@ -232,10 +232,8 @@ def train(model: nn.Module, data: DataLoader, args: argparse.Namespace) -> None:
             loss = nn.functional.cross_entropy(model(batch), batch["labels"])
             loss.backward()
             optimizer.step()
-            total, count = (
-                total + loss.item() * len(batch["labels"]),
-                count + len(batch["labels"]),
-            )
+            total += loss.item() * len(batch["labels"])
+            count += len(batch["labels"])
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total / count:.4f}")
     model.eval()
 
@@ -292,21 +290,16 @@ def scores(probs: Tensor, labels: Tensor, probs_ood: Tensor) -> dict[str, float]
 def fit_laplace(
     model: nn.Module, train_data: DataLoader, args: argparse.Namespace, subset: str
 ):
-    if subset == "last_layer":
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="last_layer",
-            hessian_structure="kron",
-            feature_reduction="pick_first",
-        )
-    else:
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="all",
-            hessian_structure=args.lora_structure,
-        )
+    """Last-layer KFAC on the head's [CLS] features, or LoRA-weights Laplace;
+    scalar prior precision tuned on the marginal likelihood."""
+    last_layer = subset == "last_layer"
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure="kron" if last_layer else args.lora_structure,
+        **({"feature_reduction": "pick_first"} if last_layer else {}),
+    )
     la.fit(train_data)
     la.optimize_prior_precision(method="marglik", n_steps=args.marglik_steps)
     return la
@@ -410,8 +403,13 @@ def write_outputs(
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "text_classification_table.md").write_text(table)
+    # null instead of NaN (the MAP has no prior precision): strict JSON
+    plain = {
+        name: {k: None if v != v else v for k, v in record.items()}
+        for name, record in records.items()
+    }
     (args.out / "text_classification_results.json").write_text(
-        json.dumps(records, indent=2) + "\n"
+        json.dumps(plain, indent=2) + "\n"
     )
     plot_reliability(probs, labels, args.out / "text_classification_reliability.png")
 
