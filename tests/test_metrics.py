@@ -679,3 +679,16 @@ def test_plotting_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"pip install laplace-ng\[plot\]"):
         plot_reliability_diagram(_P, _T)
+
+
+def test_import_laplace_does_not_import_torchmetrics():
+    # torchmetrics takes seconds to import; it loads with the first metric
+    import subprocess
+
+    code = (
+        "import sys, laplace, laplace.utils; "
+        "assert 'torchmetrics' not in sys.modules; "
+        "from laplace.utils import RunningNLLMetric; "
+        "assert 'torchmetrics' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
