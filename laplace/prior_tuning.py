@@ -11,7 +11,6 @@ import torch
 
 from laplace.utils.data import split_batch
 from laplace.utils.enums import Likelihood, PriorStructure, TuningMethod
-from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
 from laplace.utils.targets import check_targets
 from laplace.utils.utils import fix_prior_prec_structure
 from laplace.utils.validation import validate
@@ -64,6 +63,9 @@ def optimize_prior_precision(
             raise ValueError("method='gridsearch' needs a val_loader.")
         _check_validation_targets(la, val_loader)
         if loss is None:
+            # imported here: torchmetrics takes seconds to import
+            from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
+
             loss = (
                 RunningNLLMetric()
                 if la.likelihood is not Likelihood.REGRESSION

@@ -33,7 +33,6 @@ from laplace.utils.linalg import (
     symeig,
 )
 from laplace.utils.matrix import Kron, KronDecomposed
-from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
 from laplace.utils.subnetmask import (
     LargestMagnitudeSubnetMask,
     LargestVarianceDiagLaplaceSubnetMask,
@@ -111,3 +110,15 @@ __all__ = [
     "TuningMethod",
     "PriorStructure",
 ]
+
+# The running metrics subclass torchmetrics classes, and importing torchmetrics
+# takes seconds (it imports its text metrics' transformers); load it on first use.
+_LAZY_METRICS = ("RunningNLLMetric", "RunningMSEMetric")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_METRICS:
+        from laplace.utils import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,22 +1,39 @@
-"""Evaluation metrics for predictive distributions (torch only, no torchmetrics).
+"""Evaluation metrics for predictive distributions, on top of torchmetrics.
 
-Two kinds of metric live here:
+From torchmetrics, where it has the metric:
 
-* running metrics (:class:`RunningNLLMetric`, :class:`RunningMSEMetric`) with the
-  ``update`` / ``compute`` / ``reset`` protocol of a torchmetrics ``Metric``, so
-  they can score prior-precision grid search batch by batch;
-* functional metrics for classification (accuracy, NLL, Brier, calibration
-  errors, OOD AUROC) and regression (Gaussian NLL) that return Python floats.
+* :func:`accuracy` (``multiclass_accuracy``), :func:`expected_calibration_error`
+  and :func:`maximum_calibration_error` (``multiclass_calibration_error`` with
+  the ``'l1'`` / ``'max'`` norm), :func:`ood_auroc` (``binary_auroc``);
+* :class:`RunningMSEMetric` is a torchmetrics ``MeanSquaredError`` (the default
+  grid-search loss for regression, as in laplace-torch).
 
-Every metric computes on the device and in the dtype of its inputs.
+Ours, where torchmetrics has no equivalent:
+
+* :class:`RunningNLLMetric`, a torchmetrics ``Metric`` for the negative
+  log-likelihood of class *probabilities* with an ``ignore_index`` (the default
+  grid-search loss for classification, as in laplace-torch);
+* :func:`nll`, :func:`brier_score`, :func:`reliability_diagram_data` and
+  :func:`gaussian_nll`.
+
+The functional metrics validate their inputs (clear ``ValueError`` before any
+work) and return Python floats. The running metrics keep their states on the
+metric's device, created (as in torchmetrics) in torch's default dtype and
+promoted by wider inputs: with a float32 default, float64 inputs accumulate in
+float64 and half-precision inputs in float32.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics import MeanSquaredError, Metric
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_calibration_error,
+)
 
 __all__ = [
     "RunningNLLMetric",
@@ -70,8 +87,9 @@ def _check_classification(probs: Tensor, targets: Tensor) -> None:
             f"targets must be class indices in [0, {n_classes - 1}], got values in "
             f"[{int(targets.min())}, {int(targets.max())}]."
         )
-    # Catches logits passed by mistake; exact normalisation is not enforced
-    # because low-precision probabilities rarely sum to exactly one.
+    # Catches logits passed by mistake (torchmetrics would silently apply a
+    # softmax to them); exact normalisation is not enforced because
+    # low-precision probabilities rarely sum to exactly one.
     if bool(((probs < 0) | (probs > 1)).any()) or bool(probs.isnan().any()):
         raise ValueError(
             "probs must contain probabilities in [0, 1] (did you pass logits?), got "
@@ -100,61 +118,41 @@ def _log_prob_of_targets(probs: Tensor, targets: Tensor) -> Tensor:
     return picked.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
-class _RunningMean:
-    """Accumulates a sum and a count as tensors on the device of the inputs."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self._sum: Tensor | None = None
-        self._count: Tensor | None = None
-
-    def _accumulate(self, batch_sum: Tensor, batch_count: Tensor) -> None:
-        if self._sum is None or self._count is None:
-            self._sum, self._count = batch_sum, batch_count
-        else:
-            self._sum = self._sum + batch_sum.to(self._sum.device)
-            self._count = self._count + batch_count.to(self._count.device)
-
-    def compute(self) -> Tensor:
-        """Mean over everything seen since the last :meth:`reset`, a 0-d tensor.
-
-        Raises
-        ------
-        RuntimeError
-            If nothing (or only ignored targets) has been seen.
-        """
-        if self._sum is None or self._count is None or int(self._count) == 0:
-            raise RuntimeError(
-                f"{type(self).__name__}.compute() called before any (non-ignored) "
-                "targets were passed to update()."
-            )
-        return self._sum / self._count
-
-    def to(self, device: torch.device | str) -> _RunningMean:
-        """Move the accumulated state to ``device`` and return ``self``."""
-        if self._sum is not None and self._count is not None:
-            self._sum, self._count = self._sum.to(device), self._count.to(device)
-        return self
+def _accumulation_dtype(state: Tensor, values: Tensor) -> torch.dtype:
+    return torch.promote_types(state.dtype, values.dtype)
 
 
-class RunningNLLMetric(_RunningMean):
+class RunningNLLMetric(Metric):
     """Running mean negative log-likelihood of class probabilities.
 
-    Duck-typed stand-in for a torchmetrics ``Metric`` (``update``, ``compute``,
-    ``reset``); the default grid-search loss for classification.
+    A torchmetrics ``Metric`` (``update``, ``compute``, ``reset``, ``forward``,
+    distributed reduction by summing its states); the default grid-search loss
+    for classification. torchmetrics has no NLL of probabilities with an ignore
+    index, hence this class.
 
     Parameters
     ----------
     ignore_index : int, default=-100
         Targets equal to this value are skipped (e.g. padding tokens).
+    **kwargs
+        Passed on to ``torchmetrics.Metric`` (e.g. ``dist_sync_on_step``).
     """
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    nll_sum: Tensor
+    n_valid_labels: Tensor
+
+    def __init__(self, ignore_index: int = -100, **kwargs) -> None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}.")
+        super().__init__(**kwargs)
         self.ignore_index = ignore_index
-        super().__init__()
+        # 0-d, so that adding a batch sum of a wider dtype promotes it.
+        self.add_state("nll_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("n_valid_labels", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, probs: Tensor, targets: Tensor) -> None:
         """Add a batch.
@@ -179,17 +177,42 @@ class RunningNLLMetric(_RunningMean):
         # Ignored positions are pointed at class 0 so gather stays in range;
         # they are masked out of the sum afterwards.
         safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
-        log_p = _log_prob_of_targets(probs, safe_targets)
-        batch_sum = -(log_p * keep.to(log_p.dtype)).sum()
-        self._accumulate(batch_sum, keep.sum())
+        dtype = _accumulation_dtype(self.nll_sum, probs)
+        log_p = _log_prob_of_targets(probs, safe_targets).to(dtype)
+        batch_sum = -(log_p * keep.to(dtype)).sum()
+        self.nll_sum = self.nll_sum.to(dtype) + batch_sum.to(self.nll_sum.device)
+        self.n_valid_labels = self.n_valid_labels + keep.sum().to(
+            self.n_valid_labels.device
+        )
+
+    def compute(self) -> Tensor:
+        """Mean NLL over all non-ignored targets seen since :meth:`reset`, 0-d.
+
+        Raises
+        ------
+        RuntimeError
+            If nothing (or only ignored targets) has been seen.
+        """
+        if int(self.n_valid_labels) == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.compute() called before any (non-ignored) "
+                "targets were passed to update()."
+            )
+        return self.nll_sum / self.n_valid_labels
 
 
-class RunningMSEMetric(_RunningMean):
-    """Running mean squared error over all elements seen.
+class RunningMSEMetric(MeanSquaredError):
+    """torchmetrics' ``MeanSquaredError`` over all elements seen.
 
-    Duck-typed stand-in for torchmetrics' ``MeanSquaredError``; the default
-    grid-search loss for regression.
+    The default grid-search loss for regression. It differs from its parent only
+    in accumulating in the promoted dtype of its state and its inputs (float64
+    inputs keep float64 precision), in raising ``ValueError`` for
+    mismatched shapes and in raising ``RuntimeError`` from :meth:`compute` before
+    any :meth:`update` (the parent warns and returns NaN).
     """
+
+    sum_squared_error: Tensor
+    total: Tensor
 
     def update(self, preds: Tensor, targets: Tensor) -> None:
         """Add a batch.
@@ -202,13 +225,33 @@ class RunningMSEMetric(_RunningMean):
             Targets, same shape as ``preds``.
         """
         _check_same_shape("preds", preds, "targets", targets)
-        sq_err = (preds - targets).square()
-        count = torch.tensor(sq_err.numel(), device=sq_err.device)
-        self._accumulate(sq_err.sum(), count)
+        dtype = _accumulation_dtype(self.sum_squared_error, preds)
+        batch_sum = (preds.to(dtype) - targets.to(dtype)).square().sum()
+        self.sum_squared_error = self.sum_squared_error.to(dtype) + batch_sum.to(
+            self.sum_squared_error.device
+        )
+        self.total = self.total + preds.numel()
+
+    def compute(self) -> Tensor:
+        """Mean squared error since :meth:`reset`, 0-d.
+
+        Raises
+        ------
+        RuntimeError
+            If nothing has been seen.
+        """
+        if int(self.total) == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.compute() called before any targets were "
+                "passed to update()."
+            )
+        return super().compute().reshape(())
 
 
 def accuracy(probs: Tensor, targets: Tensor) -> float:
     """Fraction of samples whose arg-max class equals the target.
+
+    torchmetrics' ``multiclass_accuracy`` with micro averaging.
 
     Parameters
     ----------
@@ -218,7 +261,11 @@ def accuracy(probs: Tensor, targets: Tensor) -> float:
         Integer class indices, shape ``(N,)``.
     """
     _check_classification(probs, targets)
-    return float((probs.argmax(dim=-1) == targets).to(probs.dtype).mean())
+    return float(
+        multiclass_accuracy(
+            probs, targets, probs.shape[1], average="micro", validate_args=False
+        )
+    )
 
 
 def nll(probs: Tensor, targets: Tensor) -> float:
@@ -237,46 +284,8 @@ def brier_score(probs: Tensor, targets: Tensor) -> float:
     Shapes as in :func:`accuracy`; ranges over ``[0, 2]``.
     """
     _check_classification(probs, targets)
-    onehot = torch.nn.functional.one_hot(targets, probs.shape[1]).to(probs.dtype)
+    onehot = F.one_hot(targets, probs.shape[1]).to(probs.dtype)
     return float((probs - onehot).square().sum(dim=-1).mean())
-
-
-def _bin_statistics(
-    probs: Tensor, targets: Tensor, n_bins: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-bin sums for equal-width confidence bins on the maximum probability.
-
-    Bin ``b`` holds confidences in ``(edges[b], edges[b+1]]``; bin 0 also holds 0.
-
-    Returns
-    -------
-    edges : Tensor
-        ``(n_bins + 1,)``.
-    correct_sum, confidence_sum : Tensor
-        ``(n_bins,)`` in the dtype of ``probs``.
-    count : Tensor
-        ``(n_bins,)``, int64.
-    """
-    _check_classification(probs, targets)
-    _check_n_bins(n_bins)
-    confidence, prediction = probs.max(dim=-1)
-    correct = (prediction == targets).to(probs.dtype)
-    edges = torch.linspace(0, 1, n_bins + 1, device=probs.device, dtype=probs.dtype)
-    bin_index = torch.bucketize(confidence, edges[1:-1]).clamp_max(n_bins - 1)
-    zeros = torch.zeros(n_bins, device=probs.device, dtype=probs.dtype)
-    correct_sum = zeros.index_add(0, bin_index, correct)
-    confidence_sum = zeros.index_add(0, bin_index, confidence)
-    count = torch.bincount(bin_index, minlength=n_bins)
-    return edges, correct_sum, confidence_sum, count
-
-
-def _calibration_gaps(
-    probs: Tensor, targets: Tensor, n_bins: int
-) -> tuple[Tensor, Tensor]:
-    """``|accuracy - confidence|`` per bin (0 where empty) and bin counts, ``(n_bins,)``."""
-    _, correct_sum, confidence_sum, count = _bin_statistics(probs, targets, n_bins)
-    denom = count.clamp_min(1).to(probs.dtype)
-    return (correct_sum - confidence_sum).abs() / denom, count
 
 
 def expected_calibration_error(
@@ -284,7 +293,9 @@ def expected_calibration_error(
 ) -> float:
     """Expected calibration error ``sum_b (n_b / N) |acc_b - conf_b|``.
 
-    Equal-width bins on ``[0, 1]`` over the maximum probability (confidence).
+    torchmetrics' ``multiclass_calibration_error`` (``norm='l1'``): equal-width
+    bins ``[lo, hi)`` on ``[0, 1]`` over the maximum probability (confidence),
+    computed in float32.
 
     Parameters
     ----------
@@ -295,8 +306,7 @@ def expected_calibration_error(
     n_bins : int, default=15
         Number of confidence bins.
     """
-    gaps, count = _calibration_gaps(probs, targets, n_bins)
-    return float((gaps * count.to(gaps.dtype)).sum() / probs.shape[0])
+    return _calibration_error(probs, targets, n_bins, "l1")
 
 
 def maximum_calibration_error(
@@ -304,10 +314,19 @@ def maximum_calibration_error(
 ) -> float:
     """Maximum calibration error ``max_b |acc_b - conf_b|`` over non-empty bins.
 
-    Arguments as in :func:`expected_calibration_error`.
+    torchmetrics' ``multiclass_calibration_error`` (``norm='max'``); arguments
+    as in :func:`expected_calibration_error`.
     """
-    gaps, count = _calibration_gaps(probs, targets, n_bins)
-    return float(gaps[count > 0].max())
+    return _calibration_error(probs, targets, n_bins, "max")
+
+
+def _calibration_error(probs: Tensor, targets: Tensor, n_bins: int, norm: str) -> float:
+    _check_classification(probs, targets)
+    _check_n_bins(n_bins)
+    value = multiclass_calibration_error(
+        probs, targets, probs.shape[1], n_bins=n_bins, norm=norm, validate_args=False
+    )
+    return float(value)
 
 
 ece = expected_calibration_error
@@ -319,22 +338,37 @@ def reliability_diagram_data(
 ) -> dict[str, Tensor]:
     """Per-bin statistics for a reliability diagram.
 
-    Arguments as in :func:`expected_calibration_error`.
+    Bins as in :func:`expected_calibration_error` (``[lo, hi)``, the confidence
+    1 in the last bin), so ``sum_b count_b |accuracy_b - confidence_b| / N`` is
+    the ECE. torchmetrics does not expose the per-bin values.
+
+    Parameters
+    ----------
+    probs, targets, n_bins
+        As in :func:`expected_calibration_error`.
 
     Returns
     -------
     dict
         ``"bin_edges"`` ``(n_bins + 1,)``; ``"accuracy"`` and ``"confidence"``
         ``(n_bins,)``, the mean correctness and mean confidence per bin (NaN for
-        empty bins); ``"count"`` ``(n_bins,)`` int64 number of samples per bin.
+        empty bins) in the dtype of ``probs``; ``"count"`` ``(n_bins,)`` int64
+        number of samples per bin.
     """
-    edges, correct_sum, confidence_sum, count = _bin_statistics(probs, targets, n_bins)
+    _check_classification(probs, targets)
+    _check_n_bins(n_bins)
+    confidence, prediction = probs.max(dim=-1)
+    correct = (prediction == targets).to(probs.dtype)
+    edges = torch.linspace(0, 1, n_bins + 1, device=probs.device, dtype=probs.dtype)
+    bin_index = torch.bucketize(confidence, edges[1:-1], right=True)
+    zeros = torch.zeros(n_bins, device=probs.device, dtype=probs.dtype)
+    count = torch.bincount(bin_index, minlength=n_bins)
     denom = count.to(probs.dtype)
     # 0/0 gives NaN for empty bins, which is the honest "no data" marker.
     return {
         "bin_edges": edges,
-        "accuracy": correct_sum / denom,
-        "confidence": confidence_sum / denom,
+        "accuracy": zeros.index_add(0, bin_index, correct) / denom,
+        "confidence": zeros.index_add(0, bin_index, confidence) / denom,
         "count": count,
     }
 
@@ -352,8 +386,8 @@ def _check_scores(name: str, scores: Tensor) -> None:
 def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     """Area under the ROC curve for telling in- from out-of-distribution inputs.
 
-    Equals ``P(s_in > s_out) + P(s_in == s_out) / 2`` over all pairs
-    (Mann-Whitney U statistic), computed exactly with integer pair counts.
+    torchmetrics' ``binary_auroc`` with in-distribution as the positive class;
+    equals ``P(s_in > s_out) + P(s_in == s_out) / 2`` over all pairs.
 
     Parameters
     ----------
@@ -368,21 +402,22 @@ def ood_auroc(scores_in: Tensor, scores_out: Tensor) -> float:
     scores_out = scores_out.to(device=scores_in.device)
     dtype = torch.promote_types(scores_in.dtype, scores_out.dtype)
     all_scores = torch.cat([scores_in.to(dtype), scores_out.to(dtype)])
-    _, group = torch.unique(all_scores, sorted=True, return_inverse=True)
-    n_in, n_out = scores_in.shape[0], scores_out.shape[0]
-    n_groups = int(group.max()) + 1
-    in_per_value = torch.bincount(group[:n_in], minlength=n_groups)
-    out_per_value = torch.bincount(group[n_in:], minlength=n_groups)
-    out_strictly_below = torch.cumsum(out_per_value, 0) - out_per_value
-    wins = int((in_per_value * out_strictly_below).sum())
-    ties = int((in_per_value * out_per_value).sum())
-    return (2 * wins + ties) / (2 * n_in * n_out)
+    # The AUROC depends only on the order of the scores. Ranks scaled to [0, 1]
+    # keep order and ties exactly and stop binary_auroc from squashing scores
+    # outside [0, 1] through a sigmoid, which would merge large distinct scores.
+    _, rank = torch.unique(all_scores, sorted=True, return_inverse=True)
+    rank = rank.to(torch.float64) / max(int(rank.max()), 1)
+    labels = torch.zeros_like(rank, dtype=torch.long)
+    labels[: scores_in.shape[0]] = 1
+    return float(binary_auroc(rank, labels, validate_args=False))
 
 
 def gaussian_nll(mean: Tensor, var: Tensor, targets: Tensor) -> float:
     """Mean Gaussian negative log-likelihood of ``targets`` under ``N(mean, var)``.
 
-    Averages ``0.5 log(2 pi var) + (y - mean)^2 / (2 var)`` over all elements.
+    Averages ``0.5 log(2 pi var) + (y - mean)^2 / (2 var)`` over all elements
+    (``torch.nn.functional.gaussian_nll_loss`` with ``full=True``; torchmetrics
+    has no Gaussian NLL).
 
     Parameters
     ----------
@@ -402,7 +437,4 @@ def gaussian_nll(mean: Tensor, var: Tensor, targets: Tensor) -> float:
         raise ValueError(
             f"var must be strictly positive, got minimum value {float(var.min())}."
         )
-    per_element = 0.5 * (math.log(2 * math.pi) + var.log()) + (
-        targets - mean
-    ).square() / (2 * var)
-    return float(per_element.mean())
+    return float(F.gaussian_nll_loss(mean, targets, var, full=True, eps=0.0))

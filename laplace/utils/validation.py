@@ -27,10 +27,14 @@ def validate(
 ) -> float:
     """Score ``laplace`` on ``val_loader`` with ``loss`` (lower is better).
 
-    ``loss`` is either a running metric with ``update``/``compute``/``reset`` (e.g.
-    :class:`~laplace.utils.metrics.RunningNLLMetric` or a torchmetrics ``Metric``),
-    updated with the predicted probabilities (classification) or predictive means
-    (regression) and the targets; or a callable applied once to all predictions:
+    ``loss`` is either a running metric with ``update``/``compute``/``reset``, such
+    as any torchmetrics ``Metric`` (:class:`~laplace.utils.metrics.RunningNLLMetric`,
+    ``torchmetrics.MeanSquaredError``, ``MulticlassCalibrationError``, ...),
+    updated with the predicted probabilities ``(batch, n_classes)``
+    (classification) or predictive means ``(batch, n_outputs)`` (regression) and
+    the targets, on the metric's ``device`` if it has one (the metric itself is
+    not moved; a metric that computes one value per output is averaged over
+    them); or a callable applied once to all predictions:
     ``loss(probs, targets)`` for classification and
     ``loss(means, variances, targets)`` for regression.
     """
@@ -54,13 +58,18 @@ def validate(
         )
         mean, var = out if isinstance(out, tuple) else (out, None)
         if running:
-            loss.update(mean, y.reshape(mean.shape) if var is not None else y)
+            target = y.reshape(mean.shape) if var is not None else y
+            device = getattr(loss, "device", None)
+            if isinstance(device, torch.device):
+                mean, target = mean.to(device), target.to(device)
+            loss.update(mean, target)
         else:
             means.append(mean)
             variances.append(var)
             targets.append(y)
     if running:
-        return float(loss.compute())
+        # e.g. MeanSquaredError(num_outputs=K) gives one value per output
+        return float(torch.as_tensor(loss.compute()).float().mean())
     if not means:
         raise ValueError("val_loader is empty.")
     mean, target = torch.cat(means), torch.cat(targets)
