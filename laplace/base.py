@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from laplace.hyperparameters import HyperparametersMixin
+from laplace.hyperparameters import HYPERPARAMETERS, HyperparametersMixin
+from laplace.signatures import BASE, constructor
 from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
@@ -81,21 +82,14 @@ class BaseLaplace(HyperparametersMixin):
         Extra keyword arguments for ASDL's Fisher computation.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    __init__ = constructor(BASE)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        """Set up from the bound constructor ``options`` (every keyword of
+        :data:`laplace.signatures.KEYWORDS`, defaults filled in); subclasses
+        extend it, reading the keywords they own."""
+        model, likelihood = options["model"], options["likelihood"]
+        backend_kwargs = options["backend_kwargs"]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
@@ -106,21 +100,19 @@ class BaseLaplace(HyperparametersMixin):
         # laplace-torch's flag: only the parameters with requires_grad=True are
         # treated (some of the model's are frozen)
         self.is_subset_params = any(not p.requires_grad for p in model.parameters())
-        self.enable_backprop = bool(enable_backprop)
-        self.dict_key_x = dict_key_x
-        self.dict_key_y = dict_key_y
-        self._backend_cls = backend
+        self.enable_backprop = bool(options["enable_backprop"])
+        self.dict_key_x = options["dict_key_x"]
+        self.dict_key_y = options["dict_key_y"]
+        self._backend_cls = options["backend"]
         self.backend_kwargs = dict(backend_kwargs or {})
-        self.asdl_fisher_kwargs = asdl_fisher_kwargs
+        self.asdl_fisher_kwargs = options["asdl_fisher_kwargs"]
         self._backend = None
         self.loss: torch.Tensor | float = 0.0
         self.n_outputs: int | None = None
         self.n_data = 0
         self._set_device_dtype()
-        self.temperature = temperature
-        self.sigma_noise = sigma_noise
-        self.prior_precision = prior_precision
-        self.prior_mean = prior_mean
+        for name in HYPERPARAMETERS:
+            setattr(self, name, options[name])
 
     # ---- transactions ---------------------------------------------------------------
     @contextmanager

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from laplace.hyperparameters import HYPERPARAMETERS
+
 __all__ = [
     "StateDictKeyError",
     "check_state_dict",
@@ -31,10 +33,6 @@ __all__ = [
     "inputs_entry",
     "model_inputs_entry",
 ]
-
-#: Hyperparameters restored by ``load_state_dict``, in the order they are set
-#: (``sigma_noise`` is checked against the likelihood, the prior against the model).
-HYPERPARAMETERS = ("temperature", "sigma_noise", "prior_mean", "prior_precision")
 
 
 class StateDictKeyError(KeyError, ValueError):

@@ -17,23 +17,38 @@ from laplace.utils.enums import (
 __all__ = ["Laplace"]
 
 
-def _registry() -> dict[tuple[str, str], type[BaseLaplace]]:
-    """Every concrete class with a ``_key = (subset_of_weights, structure)``."""
-    found: dict[tuple[str, str], type[BaseLaplace]] = {}
-    stack = [BaseLaplace]
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        key = cls.__dict__.get("_key")
-        if key is not None:
-            found.setdefault(key, cls)
-    return found
+def _table() -> dict[tuple[str, str], type[BaseLaplace]]:
+    """``(subset_of_weights, hessian_structure)`` -> class; the function-space
+    approximations of ``hessian_structure='gp'`` under their
+    ``functional_approximation`` ('nystrom', 'variational')."""
+    # imported here: the classes import this package's modules
+    from laplace.functional import ELLA, FunctionalLaplace, FunctionalLLLaplace, VaLLA
+    from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace
+    from laplace.lowrank import LowRankLaplace
+    from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace
+    from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
+
+    return {
+        ("all", "full"): FullLaplace,
+        ("all", "kron"): KronLaplace,
+        ("all", "diag"): DiagLaplace,
+        ("all", "lowrank"): LowRankLaplace,
+        ("all", "gp"): FunctionalLaplace,
+        ("all", "nystrom"): ELLA,
+        ("all", "variational"): VaLLA,
+        ("last_layer", "full"): FullLLLaplace,
+        ("last_layer", "kron"): KronLLLaplace,
+        ("last_layer", "diag"): DiagLLLaplace,
+        ("last_layer", "gp"): FunctionalLLLaplace,
+        ("subnetwork", "full"): FullSubnetLaplace,
+        ("subnetwork", "diag"): DiagSubnetLaplace,
+    }
 
 
 _FUNCTIONAL_KEYS = {
     FunctionalApproximation.SOD: None,
-    FunctionalApproximation.NYSTROM: "ELLA",
-    FunctionalApproximation.VARIATIONAL: "VaLLA",
+    FunctionalApproximation.NYSTROM: "nystrom",
+    FunctionalApproximation.VARIATIONAL: "variational",
 }
 
 
@@ -75,14 +90,14 @@ def Laplace(
             "subset_of_weights='subnetwork' supports hessian_structure 'full' or "
             f"'diag'; got {structure.value!r}."
         )
-    registry = _registry()
+    registry = _table()
     if structure is HessianStructure.GP and _FUNCTIONAL_KEYS[approximation]:
         if subset is not SubsetOfWeights.ALL:
             raise ValueError(
                 f"functional_approximation={approximation.value!r} needs "
                 f"subset_of_weights='all'; got {subset.value!r}."
             )
-        key = ("all", approximation.value)
+        key = ("all", _FUNCTIONAL_KEYS[approximation])
     else:
         key = (subset.value, structure.value)
     if key not in registry:

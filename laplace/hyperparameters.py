@@ -17,7 +17,11 @@ from laplace.utils.hyperparameters import (
     check_temperature,
 )
 
-__all__ = ["HyperparametersMixin"]
+__all__ = ["HYPERPARAMETERS", "HyperparametersMixin"]
+
+#: The hyperparameters, in the order they are set (``sigma_noise`` is checked
+#: against the likelihood, the prior against the treated parameters).
+HYPERPARAMETERS = ("temperature", "sigma_noise", "prior_mean", "prior_precision")
 
 
 class HyperparametersMixin:

@@ -25,9 +25,10 @@ from laplace.parametric.fast_glm import (
 from laplace.parametric.full import FullLaplace
 from laplace.parametric.kron import KronLaplace
 from laplace.parametric.sampling import affine_samples, outputs_under_weights
+from laplace.signatures import KRON_LAST_LAYER, LAST_LAYER, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size
-from laplace.utils.enums import FeatureReduction, Likelihood
+from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 from laplace.utils.model_checks import (
     check_extractor_output,
@@ -53,51 +54,24 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
     last_layer_name : str, optional
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        last_layer_name: str | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if asdl_fisher_kwargs is not None:
+    __init__ = constructor(LAST_LAYER)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        model = options["model"]
+        if options["asdl_fisher_kwargs"] is not None:
             raise ValueError("asdl_fisher_kwargs must be None for last-layer Laplace.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
         extractor = FeatureExtractor(
             deepcopy(model),
-            last_layer_name=last_layer_name,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
+            last_layer_name=options["last_layer_name"],
+            enable_backprop=options["enable_backprop"],
+            feature_reduction=options["feature_reduction"],
         )
         # as given (None: found on the first batch); saved as in laplace-torch
-        self._last_layer_name = last_layer_name
+        self._last_layer_name = options["last_layer_name"]
         self._first_batch: list | None = None
-        super().__init__(
-            extractor,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            **kwargs,
-        )
+        super()._setup({**options, "model": extractor})
 
     def _init_params(self) -> None:
         if self.model.last_layer is None:
@@ -358,42 +332,7 @@ class KronLLLaplace(LLLaplace, KronLaplace):
     def _last_layer_blocks(self) -> list[Block]:
         return kron_blocks(self._posterior_precision)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        last_layer_name: str | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        # LLLaplace passes damping on to KronLaplace (next in the MRO)
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            last_layer_name=last_layer_name,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-            damping=damping,
-        )
+    __init__ = constructor(KRON_LAST_LAYER)
 
 
 class DiagLLLaplace(LLLaplace, DiagLaplace):

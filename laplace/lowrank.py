@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
-from torch import nn
 
 from laplace.base import eval_mode
 from laplace.checkpoint import tensor_entry
 from laplace.curvature.curvlinops import CurvlinopsInterface
 from laplace.parametric.base import ParametricLaplace
-from laplace.utils.enums import Likelihood
+from laplace.signatures import LOW_RANK, constructor
 from laplace.utils.linalg import symeig
 
 __all__ = ["LowRankLaplace"]
@@ -58,20 +57,10 @@ class LowRankLaplace(ParametricLaplace):
 
     _key = ("all", "lowrank")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        backend: type | None = None,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    __init__ = constructor(LOW_RANK)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        backend = options["backend"]
         if backend is not None and not (
             isinstance(backend, type) and issubclass(backend, CurvlinopsInterface)
         ):
@@ -80,25 +69,13 @@ class LowRankLaplace(ParametricLaplace):
                 "backend (CurvlinopsGGN, CurvlinopsEF or CurvlinopsHessian); got "
                 f"backend={backend!r}."
             )
-        rank = (backend_kwargs or {}).get("low_rank", _DEFAULT_RANK)
+        rank = (options["backend_kwargs"] or {}).get("low_rank", _DEFAULT_RANK)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(
                 f"backend_kwargs['low_rank'] must be a positive int; got {rank!r}."
             )
         self.low_rank = rank
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
 
     def _backend_init_kwargs(self) -> dict[str, Any]:
         kwargs = super()._backend_init_kwargs()

@@ -12,7 +12,7 @@ from laplace.curvature.curvature import EFInterface, GGNInterface
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.diag import DiagLaplace
 from laplace.parametric.full import FullLaplace
-from laplace.utils.enums import Likelihood
+from laplace.signatures import SUBNETWORK, constructor
 from laplace.utils.utils import trainable_parameters
 
 __all__ = [
@@ -90,23 +90,11 @@ class SubnetLaplace(ParametricLaplace):
     Other parameters as in :class:`~laplace.BaseLaplace`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        subnetwork_indices: torch.LongTensor,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-    ) -> None:
-        if asdl_fisher_kwargs is not None:
+    __init__ = constructor(SUBNETWORK)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        model, backend = options["model"], options["backend"]
+        if options["asdl_fisher_kwargs"] is not None:
             raise ValueError("asdl_fisher_kwargs must be None for subnetwork Laplace.")
         if backend is not None and not (
             isinstance(backend, type)
@@ -122,23 +110,11 @@ class SubnetLaplace(ParametricLaplace):
         if not params:
             raise ValueError("The model has no parameter with requires_grad=True.")
         indices = check_subnetwork_indices(
-            subnetwork_indices, sum(p.numel() for p in params)
+            options["subnetwork_indices"], sum(p.numel() for p in params)
         )
         self.subnetwork_indices = indices.to(params[0].device)
         self.n_params_subnet = len(indices)
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup({**options, "asdl_fisher_kwargs": None})
 
     # ---- parameters and prior -------------------------------------------------------
     def _init_params(self) -> None:

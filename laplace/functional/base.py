@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.func import vmap
 
 from laplace.base import BaseLaplace, eval_mode
 from laplace.curvature._loss_sqrt import exact_sqrt_fn
 from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.functional.prediction import FunctionalPredictionMixin, Inputs
+from laplace.signatures import FUNCTIONAL, constructor
 from laplace.utils.enums import Likelihood, PredType, PriorStructure
 from laplace.utils.model_checks import check_model_output
 from laplace.utils.parameter_vector import parameters_to_vector
@@ -59,34 +59,11 @@ class BaseFunctionalLaplace(
 
     _key: tuple[str, str] | None = None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    __init__ = constructor(FUNCTIONAL)
+
+    def _setup(self, options: dict[str, Any]) -> None:
         self.n_params: int | None = None
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
         self._init_params()
 
     # ---- parameters and hyperparameters -----------------------------------------

@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from laplace.base import atomic, eval_mode
 from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
@@ -39,6 +38,7 @@ from laplace.functional.nystrom import (
     nystrom_directions,
     nystrom_rows,
 )
+from laplace.signatures import NYSTROM, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
 from laplace.utils.enums import Likelihood, PredType, TuningMethod
@@ -82,24 +82,11 @@ class ELLA(BaseFunctionalLaplace):
     _key = ("all", "nystrom")
     _state_keys = ("dual_directions", "feature_gram", "fit_history")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        subsample_size: int,
-        n_eigenvalues: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        seed: int = 1234,
-        nystrom_outputs: str = "random",
-    ) -> None:
+    __init__ = constructor(NYSTROM, seed=1234)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        subsample_size = options["subsample_size"]
+        n_eigenvalues = options["n_eigenvalues"]
         self.subsample_size = _positive_int(subsample_size, "subsample_size")
         self.n_eigenvalues = _positive_int(n_eigenvalues, "n_eigenvalues")
         if n_eigenvalues > subsample_size:
@@ -107,7 +94,8 @@ class ELLA(BaseFunctionalLaplace):
                 f"n_eigenvalues={n_eigenvalues} must not exceed "
                 f"subsample_size={subsample_size}."
             )
-        self.seed = _check_seed(seed)
+        self.seed = _check_seed(options["seed"])
+        nystrom_outputs = options["nystrom_outputs"]
         if nystrom_outputs not in NYSTROM_OUTPUTS:
             raise ValueError(
                 f"nystrom_outputs must be one of {list(NYSTROM_OUTPUTS)}; got "
@@ -121,19 +109,7 @@ class ELLA(BaseFunctionalLaplace):
             "val_nll": [],
             "tuning": [],
         }
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
 
     def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
         _check_zero_prior_mean(prior_mean, type(self).__name__)

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from laplace.base import atomic, eval_mode
@@ -36,6 +35,7 @@ from laplace.functional.base import (
     _positive_int,
 )
 from laplace.functional.ntk import NTKKernels
+from laplace.signatures import SUBSET_OF_DATA, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import Likelihood
@@ -99,42 +99,16 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
     _key = ("all", "gp")
     _state_keys = ("subset_inputs",)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        n_subset: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        independent_outputs: bool = False,
-        seed: int = 0,
-    ) -> None:
-        self.n_subset = _positive_int(n_subset, "n_subset")
-        self.seed = _check_seed(seed)
-        self.independent_outputs = bool(independent_outputs)
-        _check_ggn_backend(backend, backend_kwargs)
+    __init__ = constructor(SUBSET_OF_DATA)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        self.n_subset = _positive_int(options["n_subset"], "n_subset")
+        self.seed = _check_seed(options["seed"])
+        self.independent_outputs = bool(options["independent_outputs"])
+        _check_ggn_backend(options["backend"], options["backend_kwargs"])
         self._J_subset: torch.Tensor | None = None
         self._L_subset: torch.Tensor | None = None
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
 
     # ---- fit ---------------------------------------------------------------------------
     @atomic

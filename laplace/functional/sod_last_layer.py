@@ -12,7 +12,7 @@ from torch import nn
 from laplace.base import eval_mode
 from laplace.functional.base import Inputs
 from laplace.functional.sod import FunctionalLaplace
-from laplace.utils.enums import FeatureReduction, Likelihood
+from laplace.signatures import SUBSET_OF_DATA_LAST_LAYER, constructor
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 from laplace.utils.model_checks import check_extractor_output, check_untied_last_layer
 
@@ -35,49 +35,19 @@ class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
     _key = ("last_layer", "gp")
     _state_keys = ("subset_inputs", "last_layer_name")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        n_subset: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        last_layer_name: str | None = None,
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        independent_outputs: bool = False,
-        seed: int = 0,
-    ) -> None:
+    __init__ = constructor(SUBSET_OF_DATA_LAST_LAYER)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        model = options["model"]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
         extractor = FeatureExtractor(
             deepcopy(model),
-            last_layer_name=last_layer_name,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
+            last_layer_name=options["last_layer_name"],
+            enable_backprop=options["enable_backprop"],
+            feature_reduction=options["feature_reduction"],
         )
-        super().__init__(
-            extractor,
-            likelihood,
-            n_subset,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            independent_outputs=independent_outputs,
-            seed=seed,
-        )
+        super()._setup({**options, "model": extractor})
 
     def _init_params(self) -> None:
         if self.model.last_layer is None:

@@ -18,11 +18,10 @@ with Adam.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
 
 from laplace.base import atomic, eval_mode
 from laplace.checkpoint import (
@@ -57,6 +56,7 @@ from laplace.functional.sparse_gp import (
     unpack_lower,
     variational_covariance,
 )
+from laplace.signatures import VARIATIONAL, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
 from laplace.utils.enums import Likelihood
@@ -112,49 +112,24 @@ class VaLLA(BaseFunctionalLaplace):
     _key = ("all", "variational")
     _state_keys = ("inducing_inputs", "inducing_classes", "L", "fit_history")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        inducing_locations: torch.Tensor | MutableMapping | str,
-        num_inducing: int | None = None,
-        inducing_classes: torch.Tensor | None = None,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        alpha: float = 1.0,
-        mc_softmax_samples: int = 0,
-    ) -> None:
+    __init__ = constructor(VARIATIONAL)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        alpha, mc_softmax_samples = options["alpha"], options["mc_softmax_samples"]
+        inducing_locations = options["inducing_locations"]
+        num_inducing = options["num_inducing"]
+        inducing_classes = options["inducing_classes"]
         self.alpha = check_alpha_arguments(alpha, mc_softmax_samples)
         self.mc_softmax_samples = mc_softmax_samples
         check_inducing_locations(inducing_locations, num_inducing)
         check_inducing_classes(inducing_classes)
-        self.seed = _check_seed(seed)
+        self.seed = _check_seed(options["seed"])
         self.inducing_locations = inducing_locations
         self.num_inducing = num_inducing
         self.inducing_classes = inducing_classes
         self.L: torch.Tensor | None = None
         self.fit_history_: dict[str, list] = {"objective": [], "val_nll": []}
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
         if not self._learns_noise and self.alpha != 1 and not mc_softmax_samples:
             raise ValueError(
                 f"Classification with alpha={self.alpha} needs mc_softmax_samples > 0 "

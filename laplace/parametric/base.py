@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from laplace.base import BaseLaplace, atomic, eval_mode
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
@@ -43,36 +42,9 @@ class ParametricLaplace(
 
     _key: tuple[str, str] | None = None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    def _setup(self, options: dict[str, Any]) -> None:
         self.n_params: int | None = None
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-        )
+        super()._setup(options)
         self._init_params()
 
     # ---- parameters ----------------------------------------------------------------

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from laplace.checkpoint import symmetric_entry, tensor_entry
 from laplace.parametric.base import ParametricLaplace
 from laplace.parametric.fast_glm import kron_blocks
 from laplace.parametric.layer_curvature import exact_ggn_closure
-from laplace.utils.enums import Likelihood
+from laplace.signatures import KRON, constructor
 from laplace.utils.matrix import Kron, KronDecomposed
 
 __all__ = ["KronLaplace", "kron_layout"]
@@ -34,38 +33,12 @@ class KronLaplace(ParametricLaplace):
 
     _key = ("all", "kron")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        self.damping = damping
+    __init__ = constructor(KRON)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        self.damping = options["damping"]
         self.H_facs: Kron | None = None
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-        )
+        super()._setup(options)
 
     def _prior_precision_lengths(self) -> dict[int, str] | None:
         # a per-parameter prior would break the Kronecker structure
