@@ -4,7 +4,6 @@ Laplace approximations."""
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -13,11 +12,11 @@ import torch
 from torch import nn
 
 from laplace.hyperparameters import HYPERPARAMETERS, HyperparametersMixin
+from laplace.likelihoods import LikelihoodModel, likelihood_model
 from laplace.signatures import BASE, constructor
 from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
-from laplace.utils.targets import check_targets
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
 __all__ = ["BaseLaplace", "NotFittedError", "atomic"]
@@ -199,6 +198,12 @@ class BaseLaplace(HyperparametersMixin):
         return 1.0 / (self.sigma_noise.square() * self.temperature)
 
     @property
+    def _likelihood_model(self) -> LikelihoodModel:
+        """What the likelihood means (loss, targets, predictions); see
+        :mod:`laplace.likelihoods`."""
+        return likelihood_model(self.likelihood)
+
+    @property
     def log_likelihood(self) -> torch.Tensor:
         """Log-likelihood of the training data at the MAP, tempered.
 
@@ -206,15 +211,9 @@ class BaseLaplace(HyperparametersMixin):
         with ``loss`` half the sum of squared errors; classification: ``-loss / T``.
         """
         self._check_fitted()
-        factor = -self._H_factor
-        if self.likelihood is Likelihood.REGRESSION:
-            normalizer = (
-                self.n_data
-                * self.n_outputs
-                * torch.log(self.sigma_noise * math.sqrt(2 * math.pi))
-            )
-            return factor * self.loss - normalizer
-        return factor * self.loss
+        return self._likelihood_model.log_likelihood(
+            self.loss, self.n_data, self.n_outputs, self.sigma_noise, self.temperature
+        )
 
     # ---- data -----------------------------------------------------------------------
     def _batches(
@@ -233,10 +232,10 @@ class BaseLaplace(HyperparametersMixin):
         self, y: torch.Tensor, n_outputs: int | None = None
     ) -> torch.Tensor:
         """Check training or validation targets (see
-        :func:`~laplace.utils.targets.check_targets`); ``n_outputs`` defaults to
-        the model's, learned on the first batch of ``fit``."""
-        return check_targets(
-            y, self.likelihood, self.n_outputs if n_outputs is None else n_outputs
+        :meth:`laplace.likelihoods.LikelihoodModel.check_targets`); ``n_outputs``
+        defaults to the model's, learned on the first batch of ``fit``."""
+        return self._likelihood_model.check_targets(
+            y, self.n_outputs if n_outputs is None else n_outputs
         )
 
     def _check_sampling_args(

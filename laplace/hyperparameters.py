@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from laplace.likelihoods import likelihood_model
 from laplace.utils.enums import Likelihood
 from laplace.utils.hyperparameters import (
     check_prior_mean,
@@ -71,7 +72,7 @@ class HyperparametersMixin:
         for name, value in values.items():
             if name == "sigma_noise":
                 tensor = check_sigma_noise(value)
-                if self.likelihood is not Likelihood.REGRESSION and (
+                if not likelihood_model(self.likelihood).has_noise and (
                     float(tensor.detach()) != 1.0
                 ):
                     raise ValueError(

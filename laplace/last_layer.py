@@ -28,7 +28,6 @@ from laplace.parametric.sampling import affine_samples, outputs_under_weights
 from laplace.signatures import KRON_LAST_LAYER, LAST_LAYER, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size
-from laplace.utils.enums import Likelihood
 from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
 from laplace.utils.model_checks import (
     check_extractor_output,
@@ -167,7 +166,7 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         self, X: Any, y: torch.Tensor, N: int
     ) -> tuple[torch.Tensor, Any]:
         features = self._features(X)
-        if self.likelihood is not Likelihood.REWARD_MODELING or features.ndim != 3:
+        if not self._likelihood_model.is_pair_batch(features):
             return super()._curv_closure(features, y, N)
         # Preference pairs (batch, 2, n_features): the curvature is that of a
         # classifier whose two logits are the rewards of the pair's items.
@@ -182,7 +181,7 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         cls = self._backend_cls or self._default_backend()
         return cls(
             _PairRewards(self.model.last_layer),
-            Likelihood.CLASSIFICATION,
+            self._likelihood_model.pair_likelihood,
             dict_key_x=self.dict_key_x,
             dict_key_y=self.dict_key_y,
             **self.backend_kwargs,
@@ -195,10 +194,11 @@ class LLLaplace(LastLayerCheckpointMixin, LastLayerRollbackMixin, ParametricLapl
         """Last-layer Jacobians and outputs of one forward pass over the batch
         (for features ``(batch, seq, D)`` reduced to ``(batch, D)``: the last
         layer applied to the reduced features)."""
-        if self.likelihood is Likelihood.REWARD_MODELING:
+        if self._likelihood_model.pairs:
             with torch.set_grad_enabled(self.enable_backprop):
                 out, features = self.model.forward_with_features(x)
-            if features.ndim == 3:  # preference pairs: Jacobians of both logits
+            if self._likelihood_model.is_pair_batch(features):
+                # preference pairs: Jacobians of both logits
                 Js, _ = self._pair_backend().jacobians(
                     features, enable_backprop=self.enable_backprop
                 )

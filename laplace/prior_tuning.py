@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from laplace.likelihoods import likelihood_model
 from laplace.utils.data import split_batch
-from laplace.utils.enums import Likelihood, PriorStructure, TuningMethod
-from laplace.utils.targets import check_targets
+from laplace.utils.enums import PriorStructure, TuningMethod
 from laplace.utils.utils import fix_prior_prec_structure
 from laplace.utils.validation import validate
 
@@ -63,14 +63,7 @@ def optimize_prior_precision(
             raise ValueError("method='gridsearch' needs a val_loader.")
         _check_validation_targets(la, val_loader)
         if loss is None:
-            # imported here: torchmetrics takes seconds to import
-            from laplace.utils.metrics import RunningMSEMetric, RunningNLLMetric
-
-            loss = (
-                RunningNLLMetric()
-                if la.likelihood is not Likelihood.REGRESSION
-                else RunningMSEMetric()
-            )
+            loss = likelihood_model(la.likelihood).default_metric()
         _gridsearch(
             la,
             init,
@@ -223,7 +216,7 @@ def _check_validation_targets(la: Any, val_loader: Iterable) -> None:
     for batch in val_loader:
         _, y = split_batch(batch, la.dict_key_y)
         try:
-            check_targets(y, la.likelihood, la.n_outputs)
+            likelihood_model(la.likelihood).check_targets(y, la.n_outputs)
         except ValueError as err:
             raise ValueError(f"val_loader batch {n_batches}: {err}") from err
         n_batches += 1

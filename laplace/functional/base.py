@@ -17,14 +17,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.func import vmap
 
 from laplace.base import BaseLaplace, eval_mode
-from laplace.curvature._loss_sqrt import exact_sqrt_fn
 from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.functional.prediction import FunctionalPredictionMixin, Inputs
 from laplace.signatures import FUNCTIONAL, constructor
-from laplace.utils.enums import Likelihood, PredType, PriorStructure
+from laplace.utils.enums import PredType, PriorStructure
 from laplace.utils.model_checks import check_model_output
 from laplace.utils.parameter_vector import parameters_to_vector
 
@@ -122,14 +120,13 @@ class BaseFunctionalLaplace(
         """``L_n`` with ``L_n L_n^T`` the output Hessian of the loss (the GGN's
         Lambda) at outputs ``f`` ``(batch, O)``: ``(batch, O, O)``, ``None`` for
         regression (identity)."""
-        if self.likelihood is Likelihood.REGRESSION:
-            return None
-        return vmap(exact_sqrt_fn(self.likelihood))(f.detach())
+        lik = self._likelihood_model
+        return None if lik.identity_hessian else lik.hessian_root(f.detach())
 
     def _batch_loss(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed training loss of a batch (backend convention), ``()``."""
         y = self._check_targets(y, f.shape[-1])
-        return self.backend._loss(f, y).to(self._dtype)
+        return self._likelihood_model.loss(f, y).to(self._dtype)
 
     def _check_model_outputs(self, X: Inputs) -> int:
         with torch.no_grad(), eval_mode(self.model):

@@ -41,7 +41,7 @@ from laplace.functional.nystrom import (
 from laplace.signatures import NYSTROM, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
-from laplace.utils.enums import Likelihood, PredType, TuningMethod
+from laplace.utils.enums import PredType, TuningMethod
 from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
 from laplace.utils.subsets import balanced_indices, random_subset_indices
 
@@ -161,7 +161,7 @@ class ELLA(BaseFunctionalLaplace):
     ) -> torch.Tensor:
         if not balanced:
             return random_subset_indices(n_total, self.subsample_size, self.seed)
-        if self.likelihood is Likelihood.REGRESSION:
+        if not self._likelihood_model.class_targets:
             raise ValueError("balanced=True needs a classification likelihood.")
         ordered = subset_loader(loader, range(n_total))
         targets = torch.cat([y.reshape(-1).cpu() for _, y in self._batches(ordered)])
@@ -297,7 +297,7 @@ class ELLA(BaseFunctionalLaplace):
                 "ELLA has no marginal likelihood; use method='gridsearch' with a "
                 "val_loader."
             )
-        if kwargs.get("loss") is None and self.likelihood is Likelihood.REGRESSION:
+        if kwargs.get("loss") is None and self._likelihood_model.has_noise:
             kwargs["loss"] = self._gaussian_nll
         super().optimize_prior_precision(pred_type=pred_type, method=method, **kwargs)
 

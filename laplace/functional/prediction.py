@@ -13,7 +13,7 @@ from laplace.base import eval_mode
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
 from laplace.utils.empty import empty_output_width, empty_predictive
-from laplace.utils.enums import Likelihood, LinkApprox, PredType
+from laplace.utils.enums import LinkApprox, PredType
 from laplace.utils.functional_utils import draw_gaussian
 from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
@@ -30,9 +30,7 @@ class FunctionalPredictionMixin:
     Jacobians it uses)."""
 
     def _classifies(self, fitting: bool) -> bool:
-        if self.likelihood is Likelihood.REWARD_MODELING:
-            return fitting
-        return self.likelihood is Likelihood.CLASSIFICATION
+        return self._likelihood_model.predicts_classes(fitting)
 
     def _check_pred_type(self, pred_type: Any) -> None:
         if PredType.parse(pred_type, "pred_type") is not PredType.GP:
@@ -233,16 +231,10 @@ class FunctionalPredictionMixin:
         with torch.no_grad():
             for X, y in self._batches(loader):
                 f_mu, f_var = self._predictive_moments(X, joint=False)
-                if self.likelihood is Likelihood.REGRESSION:
-                    y = self._check_targets(y, f_mu.shape[-1]).to(self._dtype)
-                    var = f_var.diagonal(dim1=-2, dim2=-1) + self.sigma_noise.square()
-                    dist = torch.distributions.Normal(f_mu, var.sqrt())
-                    total -= float(dist.log_prob(y).sum())
-                else:
-                    probs = glm_link(f_mu, f_var, LinkApprox.PROBIT, 1)
-                    eps = torch.finfo(probs.dtype).tiny
-                    picked = probs.gather(-1, y.long().reshape(-1, 1)).clamp_min(eps)
-                    total -= float(picked.log().sum())
+                nll = self._likelihood_model.predictive_nll(
+                    f_mu, f_var, y, self.sigma_noise
+                )
+                total += float(nll)
                 count += len(y)
         if count == 0:
             raise ValueError("val_loader yielded no data.")

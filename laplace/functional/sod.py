@@ -38,7 +38,6 @@ from laplace.functional.ntk import NTKKernels
 from laplace.signatures import SUBSET_OF_DATA, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.enums import Likelihood
 from laplace.utils.functional_utils import (
     concatenate_rows,
     preserve_model_gradients,
@@ -223,7 +222,7 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         if prior_precision is not None:
             self.prior_precision = prior_precision
         if sigma_noise is not None:
-            if self.likelihood is not Likelihood.REGRESSION:
+            if not self._likelihood_model.has_noise:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
         log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)

@@ -59,7 +59,6 @@ from laplace.functional.sparse_gp import (
 from laplace.signatures import VARIATIONAL, constructor
 from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.enums import Likelihood
 from laplace.utils.functional_utils import preserve_model_gradients, select_rows
 
 __all__ = ["VaLLA"]
@@ -141,7 +140,7 @@ class VaLLA(BaseFunctionalLaplace):
 
     @property
     def _learns_noise(self) -> bool:
-        return self.likelihood is Likelihood.REGRESSION
+        return self._likelihood_model.has_noise
 
     @property
     def log_prior_precision(self) -> torch.Tensor:

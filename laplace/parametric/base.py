@@ -22,7 +22,6 @@ from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.checkpoint import ParametricCheckpointMixin
 from laplace.parametric.prediction import ParametricPredictionMixin
 from laplace.utils.autograd_mode import autograd_enabled
-from laplace.utils.enums import Likelihood
 from laplace.utils.model_checks import check_model_output
 from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import expand_to_parameters
@@ -243,7 +242,7 @@ class ParametricLaplace(
         out = check_model_output(self._laplace_outputs(X), self.likelihood)
         self._outputs_checked = True
         # reward models output one reward per item; pairs give two logits
-        return 1 if self.likelihood is Likelihood.REWARD_MODELING else out.shape[-1]
+        return self._likelihood_model.n_outputs(out)
 
     def _laplace_outputs(self, X: Any) -> Any:
         """The outputs to linearise, after checks particular to the subset."""
@@ -364,7 +363,7 @@ class ParametricLaplace(
         if prior_precision is not None:
             self.prior_precision = prior_precision
         if sigma_noise is not None:
-            if self.likelihood is not Likelihood.REGRESSION:
+            if not self._likelihood_model.has_noise:
                 raise ValueError("sigma_noise can only be set for regression.")
             self.sigma_noise = sigma_noise
         log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)

@@ -25,7 +25,7 @@ from laplace.parametric.weight_samples import WeightSamplesMixin
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size
 from laplace.utils.empty import empty_output_width, empty_predictive
-from laplace.utils.enums import Likelihood, LinkApprox, PredType
+from laplace.utils.enums import LinkApprox, PredType
 from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 
@@ -47,6 +47,7 @@ class ParametricPredictionMixin(WeightSamplesMixin):
         n_samples: Any,
         generator: Any,
         joint: bool = False,
+        fitting: bool = False,
     ) -> tuple[PredType, LinkApprox]:
         pred_type = PredType.parse(pred_type, "pred_type")
         link_approx = LinkApprox.parse(link_approx, "link_approx")
@@ -62,10 +63,11 @@ class ParametricPredictionMixin(WeightSamplesMixin):
         self._check_sampling_args(n_samples, generator)
         if joint and (
             pred_type is not PredType.GLM
-            or self.likelihood is not Likelihood.REGRESSION
+            or self._likelihood_model.predicts_classes(fitting)
         ):
             raise ValueError(
-                "joint=True is only available for pred_type='glm' and regression."
+                "joint=True is only available for pred_type='glm' and predictions "
+                "of means and variances (regression)."
             )
         self._check_fitted()
         return pred_type, link_approx
@@ -95,7 +97,7 @@ class ParametricPredictionMixin(WeightSamplesMixin):
         dtype.
         """
         pred_type, link_approx = self._check_predict_args(
-            pred_type, link_approx, n_samples, generator, joint
+            pred_type, link_approx, n_samples, generator, joint, fitting
         )
         x = self._to_device(x)
         with eval_mode(self.model), torch.set_grad_enabled(self.enable_backprop):
@@ -137,9 +139,7 @@ class ParametricPredictionMixin(WeightSamplesMixin):
     def _predicts_classes(self, fitting: bool) -> bool:
         """Class probabilities for classification, and for reward modelling on
         preference pairs when ``fitting=True``; (mean, variance) otherwise."""
-        return self.likelihood is Likelihood.CLASSIFICATION or (
-            fitting and self.likelihood is Likelihood.REWARD_MODELING
-        )
+        return self._likelihood_model.predicts_classes(fitting)
 
     def _to_device(self, x: Inputs) -> Inputs:
         """Move ``x`` to the model's device after checking what it is: a clear
@@ -322,6 +322,6 @@ class ParametricPredictionMixin(WeightSamplesMixin):
         samples = self._function_samples(
             x, pred_type, n_samples, diagonal_output, generator
         )
-        if self.likelihood is Likelihood.CLASSIFICATION:
+        if self._likelihood_model.predicts_classes():
             samples = torch.softmax(samples, dim=-1)
         return self._to_output(samples)

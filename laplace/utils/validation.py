@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from laplace.utils.data import split_batch, to_device
-from laplace.utils.enums import Likelihood
 
 
 def _is_running_metric(loss: Any) -> bool:
@@ -44,8 +43,9 @@ def validate(
     means, variances, targets = [], [], []
     # reward models are scored as classifiers of their preference pairs (the
     # probabilities of fitting=True), as laplace-torch does
-    rewards = getattr(laplace, "likelihood", None) is Likelihood.REWARD_MODELING
-    pair_kwargs = {"fitting": True} if rewards else {}
+    from laplace.likelihoods import likelihood_model  # laplace.utils loads first
+
+    pair_kwargs = likelihood_model(laplace.likelihood).scoring_kwargs()
     for batch in val_loader:
         X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, laplace._device), y.to(laplace._device)
