@@ -15,7 +15,8 @@ Drop-in compatible with the public API of laplace-torch 0.3::
 from laplace import baselaplace as baselaplace
 from laplace import laplace as laplace
 from laplace import lllaplace as lllaplace
-from laplace.base import BaseLaplace, NotFittedError
+from laplace import subnetlaplace as subnetlaplace
+from laplace.approximation import BaseLaplace, NotFittedError
 from laplace.factory import Laplace
 from laplace.functional import (
     ELLA,
@@ -24,11 +25,21 @@ from laplace.functional import (
     FunctionalLLLaplace,
     VaLLA,
 )
-from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
-from laplace.lowrank import LowRankLaplace
 from laplace.marglik_training import marglik_training
-from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
-from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
+from laplace.parametric import (
+    DiagLaplace,
+    DiagLLLaplace,
+    DiagSubnetLaplace,
+    FullLaplace,
+    FullLLLaplace,
+    FullSubnetLaplace,
+    KronLaplace,
+    KronLLLaplace,
+    LLLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+    SubnetLaplace,
+)
 from laplace.utils.enums import (
     FunctionalApproximation,
     HessianStructure,

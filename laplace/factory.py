@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from laplace.base import BaseLaplace
+from laplace.approximation import BaseLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
     HessianStructure,
@@ -23,10 +23,17 @@ def _table() -> dict[tuple[str, str], type[BaseLaplace]]:
     ``functional_approximation`` ('nystrom', 'variational')."""
     # imported here: the classes import this package's modules
     from laplace.functional import ELLA, FunctionalLaplace, FunctionalLLLaplace, VaLLA
-    from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace
-    from laplace.lowrank import LowRankLaplace
-    from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace
-    from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace
+    from laplace.parametric import (
+        DiagLaplace,
+        DiagLLLaplace,
+        DiagSubnetLaplace,
+        FullLaplace,
+        FullLLLaplace,
+        FullSubnetLaplace,
+        KronLaplace,
+        KronLLLaplace,
+        LowRankLaplace,
+    )
 
     return {
         ("all", "full"): FullLaplace,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import BaseLaplace
+from laplace.approximation import BaseLaplace
 from laplace.factory import Laplace
 from laplace.likelihoods import likelihood_model
 from laplace.marglik_arguments import check_arguments, without_weight_decay

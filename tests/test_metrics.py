@@ -516,7 +516,7 @@ def test_gridsearch_default_losses_are_torchmetrics(monkeypatch):
         seen.append(loss)
         return original(la, val_loader, loss, *args, **kwargs)
 
-    monkeypatch.setattr("laplace.prior_tuning.validate", spy)
+    monkeypatch.setattr("laplace.tuning.validate", spy)
     for likelihood, expected in [
         ("classification", RunningNLLMetric),
         ("regression", torchmetrics.MeanSquaredError),

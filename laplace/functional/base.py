@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import BaseLaplace, eval_mode
+from laplace.approximation import BaseLaplace, eval_mode
 from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.functional.prediction import FunctionalPredictionMixin, Inputs
 from laplace.signatures import FUNCTIONAL, constructor

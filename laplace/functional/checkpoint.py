@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import atomic
+from laplace.approximation import atomic
 from laplace.checkpoint import (
     bool_entry,
     check_state_dict,

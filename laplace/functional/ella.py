@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import atomic, eval_mode
 from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
 from laplace.functional.base import (
     BaseFunctionalLaplace,

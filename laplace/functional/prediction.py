@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import eval_mode
+from laplace.approximation import eval_mode
 from laplace.predictive import glm_link
 from laplace.utils.data import batch_size, to_device
 from laplace.utils.empty import empty_output_width, empty_predictive

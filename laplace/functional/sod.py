@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import atomic, eval_mode
 from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
 from laplace.functional.base import (

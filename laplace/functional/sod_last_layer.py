@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import eval_mode
+from laplace.approximation import eval_mode
 from laplace.functional.base import Inputs
 from laplace.functional.sod import FunctionalLaplace
 from laplace.signatures import SUBSET_OF_DATA_LAST_LAYER, constructor

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import atomic, eval_mode
 from laplace.checkpoint import (
     detached_copy,
     history_entry,

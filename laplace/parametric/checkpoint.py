@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from laplace.base import atomic
+from laplace.approximation import atomic
 from laplace.checkpoint import (
     bool_entry,
     check_state_dict,
@@ -46,14 +46,9 @@ REQUIRED_KEYS = (
 
 class ParametricCheckpointMixin:
     """``state_dict``/``load_state_dict`` of
-    :class:`~laplace.parametric.base.ParametricLaplace`.
-
-    Structures implement ``_H_state`` (the saved form of the curvature),
-    ``_validated_H(value)`` (the inverse, checked against the model) and
-    ``_posterior_state(H)``; classes with more entries add them with
-    ``_extra_state``/``_validated_extra_state`` and may prepare the object in
-    ``_prepare_load`` (e.g. set the last layer).
-    """
+    :class:`~laplace.ParametricLaplace`: the structure saves and validates the
+    curvature (``saved``/``loaded``), the selector its own entries (the last
+    layer's names and first batch, subnetwork indices)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to restore the fitted posterior, as copies (editing
@@ -62,7 +57,7 @@ class ParametricCheckpointMixin:
         self._check_fitted()
         state = {
             "mean": self.mean,
-            "H": self._H_state(),
+            "H": self._structure.saved(self._H),
             "loss": torch.as_tensor(self.loss),
             "prior_mean": self.prior_mean,
             "prior_precision": self.prior_precision,
@@ -74,7 +69,7 @@ class ParametricCheckpointMixin:
             "enable_backprop": bool(self.enable_backprop),
             "cls_name": type(self).__name__,
             "n_params": int(self.n_params),
-            **self._extra_state(),
+            **self._selector.extra_state(self._first_batch),
         }
         return detached_copy(state)
 
@@ -100,7 +95,8 @@ class ParametricCheckpointMixin:
                 f"State dict has likelihood={state_dict['likelihood']!r}, this "
                 f"{type(self).__name__} has {self.likelihood.value!r}."
             )
-        self._prepare_load(state_dict)
+        if self._selector.prepare_load(state_dict, self._device):
+            self._use_found_parameters()
         self._commit(self._validated_state(state_dict))
 
     def _validated_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +116,7 @@ class ParametricCheckpointMixin:
                 f"State dict entry 'mean' has shape {tuple(mean.shape)}, this model "
                 f"has {n_mean} parameters: it comes from another model."
             )
-        H = self._validated_H(state_dict["H"])
+        H = self._structure.loaded(state_dict["H"], self._layout, self.prior_precision)
         state = {
             "mean": mean,
             "loss": loss_entry(state_dict["loss"], like),
@@ -130,28 +126,7 @@ class ParametricCheckpointMixin:
                 state_dict["enable_backprop"], "enable_backprop"
             ),
             **validated_hyperparameters(self, state_dict),
-            **self._validated_extra_state(state_dict),
+            "_first_batch": self._selector.loaded_first_batch(state_dict, self._device),
+            "_H": H,
         }
-        # last: the structure may decompose H, the most expensive step
-        return {**state, **self._posterior_state(H)}
-
-    def _H_state(self) -> Any:
-        """The curvature as saved in ``state_dict()['H']``."""
-        return self._H
-
-    def _validated_H(self, value: Any) -> Any:
-        """The summed curvature from ``state_dict['H']``, checked against this
-        model and structure and copied onto its device and dtype."""
-        raise NotImplementedError
-
-    def _extra_state(self) -> dict[str, Any]:
-        """Class-specific entries of :meth:`state_dict`."""
-        return {}
-
-    def _validated_extra_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Attributes from the class-specific entries, validated."""
-        return {}
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        """Hook run before the entries are validated (it may assign: a failing
-        load is rolled back)."""
+        return state

@@ -196,7 +196,7 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
         self, model: nn.Module, n_params_subnet: int, diag_laplace_model: Any
     ) -> None:
         super().__init__(model, n_params_subnet)
-        from laplace.parametric.diag import DiagLaplace
+        from laplace.parametric import DiagLaplace
 
         if not isinstance(diag_laplace_model, DiagLaplace):
             raise ValueError(
@@ -367,7 +367,7 @@ class LastLayerSubnetMask(ModuleNameSubnetMask):
         return super().get_subnet_mask(train_loader)
 
     def _find_last_layer(self, train_loader: Iterable | None) -> str:
-        from laplace.base import eval_mode
+        from laplace.approximation import eval_mode
 
         if train_loader is None:
             raise ValueError(

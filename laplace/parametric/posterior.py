@@ -1,28 +1,36 @@
-"""``ParametricLaplace``: a Gaussian N(theta_MAP, P^{-1}) over the weights.
+"""``ParametricLaplace``: a Gaussian ``N(theta_MAP, P^{-1})`` over the weights,
+written once over its pieces:
 
-The structure of the posterior precision ``P`` (full, Kronecker-factored, diagonal)
-is left to subclasses, which implement a handful of hooks:
+- a parameter selector (:mod:`laplace.selectors`): which parameters, their
+  Jacobians or features;
+- a posterior structure (:mod:`laplace.structures`): the shape of ``H`` and of
+  ``P = H / (sigma^2 T) + prior``, with ``logdet``, square forms and samples;
+- the likelihood object (:mod:`laplace.likelihoods`) and the curvature backend
+  (:mod:`laplace.curvature`).
 
-- ``_zero_H`` / ``_curv_closure`` / ``_posterior_state``: accumulate curvature in
-  ``fit`` (into scratch state, committed only when the fit completes),
-- ``posterior_precision`` and ``log_det_posterior_precision``,
-- ``_cov_square_form(W)``: ``W Sigma W^T`` for ``W`` of shape ``(batch, k, n_params)``,
-- ``_sample_deviations(eps)``: ``Sigma^{1/2}`` applied to standard normal draws.
+The public classes (``FullLaplace``, ``KronLLLaplace``, ...) only fix the
+selector, the structure and their signature (:mod:`laplace.parametric.classes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import torch
 
-from laplace.base import BaseLaplace, atomic, eval_mode
+from laplace.approximation import BaseLaplace, MarginalLikelihoodMixin, atomic
 from laplace.distributed import all_reduce_max, all_reduce_sum, data_shard
 from laplace.parametric.checkpoint import ParametricCheckpointMixin
-from laplace.parametric.prediction import ParametricPredictionMixin
+from laplace.parametric.glm import GLMPredictiveMixin
+from laplace.predictive.surface import PredictiveMixin
+from laplace.selectors import AllWeights, ParameterSelector
+from laplace.structures import Layout, PosteriorStructure, Precision
+from laplace.tuning import Spectrum
 from laplace.utils.autograd_mode import autograd_enabled
-from laplace.utils.model_checks import check_model_output
+from laplace.utils.eval_mode import eval_mode
+from laplace.utils.memo import Memo
 from laplace.utils.parameter_vector import parameters_to_vector
 from laplace.utils.utils import expand_to_parameters
 
@@ -30,7 +38,11 @@ __all__ = ["ParametricLaplace"]
 
 
 class ParametricLaplace(
-    ParametricCheckpointMixin, ParametricPredictionMixin, BaseLaplace
+    ParametricCheckpointMixin,
+    GLMPredictiveMixin,
+    PredictiveMixin,
+    MarginalLikelihoodMixin,
+    BaseLaplace,
 ):
     """Laplace approximation in weight space; see :class:`BaseLaplace` for the
     constructor arguments. Only parameters with ``requires_grad=True`` are treated.
@@ -39,24 +51,32 @@ class ParametricLaplace(
     ``H`` a zero curvature of the final structure (allocated on first access).
     """
 
-    _key: tuple[str, str] | None = None
+    #: the selector and structure classes a public class fixes
+    _selector_type: ClassVar[type[ParameterSelector]] = AllWeights
+    _structure_type: ClassVar[type[PosteriorStructure] | None] = None
 
     def _setup(self, options: dict[str, Any]) -> None:
+        structure = self._structure_type
+        self._structure = None if structure is None else structure(options)
+        self._selector = self._selector_type(options)
+        self._memo = Memo()
+        self._layout: Layout | None = None
+        self._first_batch: list | None = None
         self.n_params: int | None = None
-        super()._setup(options)
+        super()._setup({**options, "model": self._selector.model})
         self._init_params()
 
     # ---- parameters ----------------------------------------------------------------
     def _init_params(self) -> None:
         """Collect the treated parameters and check the prior against them."""
-        self.params = self._treated_parameters()
-        if not self.params:
-            raise ValueError(
-                "The model has no parameter with requires_grad=True to treat."
-            )
+        self._layout = layout = self._selector.layout()
+        if layout is None:  # found on the first batch of fit(); until then H is None
+            self.params, self.mean, self.H = [], self.prior_mean, None
+            return
+        self.params = list(layout.params)
         self.n_layers = len(self.params)
         self._layer_sizes = [p.numel() for p in self.params]
-        self.n_params = sum(self._layer_sizes)
+        self.n_params = layout.n_params
         # re-validate hyperparameters now that the sizes are known
         self.prior_precision = self.prior_precision
         self.prior_mean = self.prior_mean
@@ -64,24 +84,46 @@ class ParametricLaplace(
         self.mean = self.prior_mean
         self.H = None
 
-    def _prior_precision_lengths(self) -> dict[int, str] | None:
-        if self.n_params is None:
+    def _use_found_parameters(self) -> None:
+        """Treat the parameters the selector just learned (new backend too)."""
+        self._backend = None
+        self._init_params()
+
+    def _treated_parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self._layout is None else list(self._layout.params)
+
+    def _backend_init_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._backend_init_kwargs()
+        if self._structure is not None:
+            kwargs = self._structure.backend_options(kwargs)
+        return {**kwargs, **self._selector.backend_options()}
+
+    def _prior_lengths(self, precision: bool) -> dict[int, str] | None:
+        if self._layout is None:
             return None
-        return {
-            1: "scalar",
-            self.n_layers: "one per layer",
-            self.n_params: "one per parameter",
-        }
+        structure = self._structure
+        if precision and structure is not None and not structure.per_parameter_prior:
+            return {1: "scalar", self.n_layers: "one per layer"}
+        return self._selector.prior_lengths(self._layout, precision)
+
+    def _prior_precision_lengths(self) -> dict[int, str] | None:
+        return self._prior_lengths(precision=True)
 
     def _prior_mean_lengths(self) -> dict[int, str] | None:
-        if self.n_params is None:
-            return None
-        return {1: "scalar", self.n_params: "one per parameter"}
+        return self._prior_lengths(precision=False)
 
     @property
     def prior_precision_diag(self) -> torch.Tensor:
         """The prior precision expanded to ``(n_params,)``."""
-        return expand_to_parameters(self.prior_precision, self._layer_sizes)
+        if self._layout is None:
+            return super().prior_precision_diag
+        return expand_to_parameters(self.prior_precision, self._layout.groups)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        # the selector may learn the parameters (the last layer) inside
+        with self._selector.rollback(), super()._transaction():
+            yield
 
     # ---- curvature -----------------------------------------------------------------
     @property
@@ -91,8 +133,10 @@ class ParametricLaplace(
         :meth:`fit` a zero object of the final structure, allocated on first
         access (``None`` while the treated parameters are unknown)."""
         if self._H is None and self.params:
-            self._H = self._zero_H()
-        return self._to_output(self._H)
+            self._init_H()
+        if self._H is None:
+            return None
+        return self._to_output(self._structure.public(self._H, self._memo))
 
     @H.setter
     def H(self, value: Any) -> None:
@@ -100,15 +144,7 @@ class ParametricLaplace(
 
     def _init_H(self) -> None:
         """Reset the curvature to zeros."""
-        self.H = self._zero_H()
-
-    def _zero_H(self) -> Any:
-        """A zero curvature of this structure."""
-        raise NotImplementedError
-
-    def _zero_accumulator(self) -> Any:
-        """Where ``fit`` starts summing the batches' curvature."""
-        return self._zero_H()
+        self._H = self._structure.zero(self._layout, self._device, self._dtype)
 
     # ---- fit --------------------------------------------------------------------------
     @atomic
@@ -133,7 +169,9 @@ class ParametricLaplace(
         -----
         The batches are checked and summed into scratch state; only a fit that
         completes replaces the posterior. When it raises (bad targets, NaN/Inf,
-        an error of the model, ...) the object is exactly as before.
+        an error of the model, ...) the object is exactly as before. An unknown
+        last layer is found on the first batch (and forgotten again when the fit
+        fails).
 
         Under an initialised ``torch.distributed`` process group with more than
         one rank, a loader with a ``DistributedSampler`` is a shard: loss and
@@ -141,6 +179,20 @@ class ParametricLaplace(
         rank gets the posterior of the whole data set; see
         :mod:`laplace.distributed` and docs/distributed.md.
         """
+        if not override and self._structure.continuation_error:
+            raise ValueError(self._structure.continuation_error)
+        try:
+            if self._layout is None:
+                X, _ = next(self._batches(train_loader), (None, None))
+                if X is None:
+                    raise ValueError("train_loader yielded no batches.")
+                self._selector.find(X)
+                self._use_found_parameters()
+            self._fit(train_loader, override, progress_bar)
+        finally:
+            self._selector.forget_pass()
+
+    def _fit(self, train_loader: Iterable, override: bool, progress_bar: bool) -> None:
         n_new = self._dataset_size(train_loader)
         shard = data_shard(train_loader, n_new)
         if shard is not None:
@@ -154,48 +206,44 @@ class ParametricLaplace(
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="Laplace fit")
+        structure, layout = self._structure, self._layout
         # scratch: loss and curvature of the new data (never modified in place)
-        loss, H, seen, first = 0.0, self._zero_accumulator(), 0, None
+        loss, seen, first = 0.0, 0, None
+        H = structure.accumulator(layout, self._device, self._dtype)
         with eval_mode(self.model):
             mean = self._parameter_vector()
             for X, y in batches:
-                X, targets = self._prepare_batch(X, y)
-                loss_batch, H_batch = self._curv_closure(X, targets, n_total)
+                targets = self._prepare_batch(X, y)
+                inputs = self._selector.curvature_inputs(X)
+                backend = self._selector.curvature_backend(
+                    self.backend, inputs, self._make_backend
+                )
+                loss_batch, H_batch = structure.batch(
+                    backend, inputs, targets, n_total, self._dtype
+                )
                 loss = loss + loss_batch.detach().to(self._dtype)
-                H = H + H_batch
+                H = structure.add(H, H_batch)
                 first = (X, y) if first is None else first
                 seen += 1
-        if shard is not None:
-            loss, H, seen = self._reduce_across_ranks(loss, H, seen)
-        if seen == 0:
-            raise ValueError("train_loader yielded no batches.")
-        if carry:
-            loss, H = self.loss + loss, self._carried_H(n_new) + H
-        self._check_finite_fit(loss, H)
+            if shard is not None:
+                loss, H, seen = self._reduce_across_ranks(loss, H, seen)
+            if seen == 0:
+                raise ValueError("train_loader yielded no batches.")
+            if carry:
+                loss = self.loss + loss
+                H = structure.carried(self._H, self.n_data, n_new) + H
+            self._check_finite_fit(loss, H)
+            H = structure.finish(H, layout, self._device, self._dtype)
+        keep = self._selector.keeps_first_batch
         self._commit(
             {
                 "mean": mean,
                 "loss": torch.as_tensor(loss, dtype=self._dtype, device=self._device),
                 "n_data": n_total,
-                **self._first_batch_state(first),
-                **self._posterior_state(H),
+                "_first_batch": list(first) if keep else None,
+                "_H": H,
             }
         )
-
-    def _posterior_state(self, H: Any) -> dict[str, Any]:
-        """Attributes of the posterior with summed curvature ``H`` (structures
-        that decompose ``H`` do it here, before anything is assigned)."""
-        return {"H": H}
-
-    def _first_batch_state(self, batch: tuple[Any, torch.Tensor]) -> dict[str, Any]:
-        """Attributes kept from the first training batch ``(X, y)`` (last-layer
-        checkpoints save it)."""
-        return {}
-
-    def _carried_H(self, n_new: int) -> Any:
-        """The current curvature, to be added to that of ``n_new`` new data points
-        (``fit(..., override=False)``)."""
-        return self._H
 
     def _reduce_across_ranks(
         self, loss: Any, H: Any, seen: int
@@ -203,50 +251,33 @@ class ParametricLaplace(
         """Loss, curvature and batch count of a sharded fit summed over all ranks
         (see :mod:`laplace.distributed`)."""
         loss = torch.as_tensor(loss, dtype=self._dtype, device=self._device)
-        reduced = all_reduce_sum([loss.reshape(1), *self._curvature_tensors(H)])
+        reduced = all_reduce_sum([loss.reshape(1), *self._structure.tensors(H)])
         # a rank without batches has not seen the outputs yet
         self.n_outputs = all_reduce_max(self.n_outputs or 0, self._device) or None
-        H = self._rebuild_curvature(H, reduced[1:])
+        H = self._structure.rebuild(H, reduced[1:])
         return reduced[0].reshape(()), H, all_reduce_max(seen, self._device)
 
-    def _curvature_tensors(self, H: Any) -> list[torch.Tensor]:
-        """The accumulated curvature as tensors (for ``all_reduce``)."""
-        if not isinstance(H, torch.Tensor):
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support distributed fitting."
-            )
-        return [H]
-
-    def _rebuild_curvature(self, H: Any, tensors: list[torch.Tensor]) -> Any:
-        """Curvature like ``H`` made of ``tensors`` (from ``_curvature_tensors``)."""
-        (H,) = tensors
-        return H
-
     def _parameter_vector(self) -> torch.Tensor:
-        """The treated parameters (the MAP) as a new vector ``(n_params,)``."""
+        """The treated parameters (the MAP) as a new vector ``(n_all,)``."""
         return parameters_to_vector(self.params).detach().to(self._dtype)
 
-    def _model_outputs(self, X: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(X)
-
-    def _prepare_batch(self, X: Any, y: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    def _prepare_batch(self, X: Any, y: torch.Tensor) -> torch.Tensor:
         """Check the model's outputs and learn ``n_outputs`` on the first batch;
         check the targets against it."""
         if self.n_outputs is None or not self._outputs_checked:
             self.n_outputs = self._check_model_outputs(X)
-        return X, self._check_targets(y)
+        return self._check_targets(y)
 
     def _check_model_outputs(self, X: Any) -> int:
         """Check the model's outputs on ``X`` (see model_checks); ``n_outputs``."""
-        out = check_model_output(self._laplace_outputs(X), self.likelihood)
+        out = self._selector.checked_outputs(X, self.likelihood)
         self._outputs_checked = True
         # reward models output one reward per item; pairs give two logits
         return self._likelihood_model.n_outputs(out)
 
-    def _laplace_outputs(self, X: Any) -> Any:
-        """The outputs to linearise, after checks particular to the subset."""
-        return self._model_outputs(X)
+    def _check_outputs_once(self, x: Any) -> None:
+        super()._check_outputs_once(x)
+        self._selector.forget_pass()  # only fit reuses a pass
 
     def _check_finite_fit(self, loss: Any, H: Any) -> None:
         if not torch.isfinite(torch.as_tensor(loss)).all():
@@ -254,33 +285,35 @@ class ParametricLaplace(
                 f"The training loss is not finite ({float(loss)}): check the "
                 "data for NaN/Inf and the model for divergence."
             )
-        if not self._curvature_is_finite(H):
+        if not self._structure.is_finite(H):
             raise ValueError(
                 "The curvature contains NaN or Inf; check the data for NaN/Inf and "
                 "the model for divergence."
             )
 
-    def _curvature_is_finite(self, H: Any) -> bool:
-        return bool(torch.isfinite(H).all())
+    # ---- posterior ----------------------------------------------------------------
+    def _precision(self) -> Precision:
+        """The posterior precision, computed once per curvature and
+        hyperparameters (see :mod:`laplace.utils.memo`)."""
+        self._check_fitted()
+        H, sigma, T, prior = self._H, self.sigma_noise, self.temperature, None
+        prior = self.prior_precision
 
-    def _curv_closure(
-        self, X: Any, y: torch.Tensor, N: int
-    ) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+        def build() -> Precision:
+            return self._structure.precision(
+                H, self._H_factor, prior, self._layout, self._memo
+            )
 
-    # ---- marginal likelihood ------------------------------------------------------
+        return self._memo.get("precision", (H, sigma, T, prior), build)
+
     @property
     def posterior_precision(self) -> Any:
         """The posterior precision, in the model's dtype."""
-        return self._to_output(self._posterior_precision)
-
-    @property
-    def _posterior_precision(self) -> Any:
-        raise NotImplementedError
+        return self._to_output(self._precision().public)
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        raise NotImplementedError
+        return self._precision().logdet()
 
     @property
     def log_det_prior_precision(self) -> torch.Tensor:
@@ -297,30 +330,40 @@ class ParametricLaplace(
         return delta @ (self.prior_precision_diag * delta)
 
     @property
-    def _prior_deviation(self) -> torch.Tensor:
-        """``theta_MAP - prior_mean`` over the parameters the prior covers."""
-        return self.mean - self.prior_mean
+    def _posterior_mean(self) -> torch.Tensor:
+        """The mean of the Gaussian, ``(n_params,)`` (a subnetwork's entries)."""
+        return self._selector.coordinates(self.mean)
 
     @property
     def scatter(self) -> torch.Tensor:
         """``(theta_MAP - prior_mean)^T P_0 (theta_MAP - prior_mean)``."""
-        delta = self._prior_deviation
+        delta = self._posterior_mean - self.prior_mean
         return delta @ (self.prior_precision_diag * delta)
 
-    def _H_spectrum(self) -> tuple[torch.Tensor, int] | None:
-        """Eigenvalues of ``H`` such that ``log det P = sum_i log(c lambda_i +
-        delta_i)``, ``(n,)``, and the finest prior length for which this holds (1:
-        scalar; ``n_layers``: eigenvalues in parameter-tensor order; ``n``: one per
-        parameter), or ``None``. Used by the closed-form prior tuning."""
-        return None
+    def _prior_spectrum(self, n_priors: int) -> Spectrum | None:
+        """The closed form of the marginal-likelihood gradient for a prior of
+        ``n_priors`` values (see :class:`laplace.tuning.Spectrum`), or ``None``."""
+        found = self._structure.spectrum(self._H, self._memo)
+        if found is None:
+            return None
+        eigenvalues, finest = found
+        deviations = self._posterior_mean - self.prior_mean
+        return Spectrum.grouped(
+            self._H_factor * eigenvalues,
+            finest,
+            n_priors,
+            self._layer_sizes,
+            deviations.detach(),
+            self._dtype,
+        )
 
     def log_prob(self, value: torch.Tensor, normalized: bool = True) -> torch.Tensor:
         """Log density of the posterior at ``value`` ``(n_params,)``; before
         :meth:`fit`, of the prior ``N(prior_mean, diag(prior_precision)^-1)``."""
         if not self.is_fitted:
             return self._prior_log_prob(value, normalized)
-        delta = value - self.mean
-        log_prob = -0.5 * self._precision_square_form(delta)
+        delta = self._selector.coordinates(value) - self._posterior_mean
+        log_prob = -0.5 * self._precision().quadratic(delta)
         if normalized:
             log_prob = log_prob + 0.5 * (
                 self.log_det_posterior_precision
@@ -328,13 +371,10 @@ class ParametricLaplace(
             )
         return log_prob
 
-    def _precision_square_form(self, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def _prior_log_prob(self, value: torch.Tensor, normalized: bool) -> torch.Tensor:
         """``sum_i log N(value_i; prior_mean_i, 1 / prior_precision_i)`` (without
         the normalising constant unless ``normalized``)."""
-        delta = self._prior_coordinates(value) - self.prior_mean
+        delta = self._selector.coordinates(value) - self.prior_mean
         if self.n_params is None:  # parameters unknown yet: a scalar prior
             precision = self.prior_precision.expand(delta.shape[-1])
         else:
@@ -344,27 +384,3 @@ class ParametricLaplace(
             log_2pi = torch.log(torch.tensor(2 * torch.pi, dtype=precision.dtype))
             log_prob = log_prob + 0.5 * (precision.log() - log_2pi).sum()
         return log_prob
-
-    def _prior_coordinates(self, value: torch.Tensor) -> torch.Tensor:
-        """The entries of ``value`` that the prior covers."""
-        return value
-
-    def log_marginal_likelihood(
-        self,
-        prior_precision: torch.Tensor | None = None,
-        sigma_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Laplace approximation of the log marginal likelihood,
-        ``log p(D | theta_MAP) - 1/2 (log det P - log det P_0 + scatter)``;
-        differentiable w.r.t. ``prior_precision`` and ``sigma_noise``, which, when
-        given, replace the current values.
-        """
-        self._check_fitted()
-        if prior_precision is not None:
-            self.prior_precision = prior_precision
-        if sigma_noise is not None:
-            if not self._likelihood_model.has_noise:
-                raise ValueError("sigma_noise can only be set for regression.")
-            self.sigma_noise = sigma_noise
-        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
-        return self._to_output(log_marglik)

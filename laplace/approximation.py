@@ -1,5 +1,8 @@
-"""``BaseLaplace``: hyperparameters, likelihood and data handling shared by all
-Laplace approximations."""
+"""``BaseLaplace``: what every Laplace approximation shares -- the model,
+likelihood and hyperparameters, transactions, the lazily built curvature
+backend, data handling, the marginal likelihood and the tuning of the prior
+precision. Weight-space classes are in :mod:`laplace.parametric`, function-space
+ones in :mod:`laplace.functional`."""
 
 from __future__ import annotations
 
@@ -14,31 +17,26 @@ from torch import nn
 from laplace.hyperparameters import HYPERPARAMETERS, HyperparametersMixin
 from laplace.likelihoods import LikelihoodModel, likelihood_model
 from laplace.signatures import BASE, constructor
+from laplace.tuning import PriorTuningMixin
 from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
+from laplace.utils.eval_mode import eval_mode
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
-__all__ = ["BaseLaplace", "NotFittedError", "atomic"]
+__all__ = [
+    "BaseLaplace",
+    "MarginalLikelihoodMixin",
+    "NotFittedError",
+    "atomic",
+    "eval_mode",
+]
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 class NotFittedError(ValueError, RuntimeError):
     """Raised when a method needs :meth:`fit` to have run first."""
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and restore every module's mode afterwards, so the
-    user's model leaves our hands exactly as it came in."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def atomic(method: _Method) -> _Method:
@@ -53,7 +51,7 @@ def atomic(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
-class BaseLaplace(HyperparametersMixin):
+class BaseLaplace(PriorTuningMixin, HyperparametersMixin):
     """Shared state of every Laplace approximation: the model, the likelihood and
     its hyperparameters (prior precision and mean, observation noise, temperature),
     the lazily built curvature backend and data handling.
@@ -159,15 +157,25 @@ class BaseLaplace(HyperparametersMixin):
     def backend(self):
         """The curvature backend instance, built on first use."""
         if self._backend is None:
-            cls = self._backend_cls or self._default_backend()
-            self._backend = cls(
-                self.model,
-                self.likelihood,
-                dict_key_x=self.dict_key_x,
-                dict_key_y=self.dict_key_y,
-                **self._backend_init_kwargs(),
+            self._backend = self._make_backend(
+                self.model, self.likelihood, self._backend_init_kwargs()
             )
         return self._backend
+
+    def _make_backend(
+        self, model: nn.Module, likelihood: Any, kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        """A backend of the configured class over ``model``; ``kwargs`` default
+        to ``backend_kwargs``."""
+        cls = self._backend_cls or self._default_backend()
+        kwargs = self.backend_kwargs if kwargs is None else kwargs
+        return cls(
+            model,
+            likelihood,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **kwargs,
+        )
 
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return dict(self.backend_kwargs)
@@ -343,55 +351,6 @@ class BaseLaplace(HyperparametersMixin):
             params = self._treated_parameters()
         return expand_to_parameters(self.prior_precision, [p.numel() for p in params])
 
-    def optimize_prior_precision(
-        self,
-        pred_type: PredType | str = PredType.GLM,
-        method: str = "marglik",
-        n_steps: int = 100,
-        lr: float = 1e-1,
-        init_prior_prec: float | torch.Tensor = 1.0,
-        prior_structure: str = "scalar",
-        val_loader: Iterable | None = None,
-        loss: Any = None,
-        log_prior_prec_min: float = -4,
-        log_prior_prec_max: float = 4,
-        grid_size: int = 100,
-        link_approx: str = "probit",
-        n_samples: int = 100,
-        verbose: bool = False,
-        progress_bar: bool = False,
-        log_prior_prec_base: float = 10.0,
-    ) -> None:
-        """Tune the prior precision by maximising the marginal likelihood
-        (``method='marglik'``, Adam on the log prior precision) or by a grid search
-        on ``val_loader`` (``method='gridsearch'``, lowest ``loss`` wins; default
-        loss: NLL for classification, MSE for regression).
-
-        ``prior_structure`` ('scalar', 'layerwise' or 'diag') defaults to 'scalar',
-        the effective default of every laplace-torch Laplace class.
-        """
-        from laplace.prior_tuning import optimize_prior_precision
-
-        optimize_prior_precision(
-            self,
-            pred_type=pred_type,
-            method=method,
-            n_steps=n_steps,
-            lr=lr,
-            init_prior_prec=init_prior_prec,
-            prior_structure=prior_structure,
-            val_loader=val_loader,
-            loss=loss,
-            log_prior_prec_min=log_prior_prec_min,
-            log_prior_prec_max=log_prior_prec_max,
-            grid_size=grid_size,
-            link_approx=link_approx,
-            n_samples=n_samples,
-            verbose=verbose,
-            progress_bar=progress_bar,
-            log_prior_prec_base=log_prior_prec_base,
-        )
-
     def predictive(
         self,
         x: torch.Tensor | MutableMapping,
@@ -403,3 +362,38 @@ class BaseLaplace(HyperparametersMixin):
         return self(
             x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
         )
+
+
+class MarginalLikelihoodMixin:
+    """The Laplace approximation of the log marginal likelihood, written once
+    for the weight-space and function-space classes; they provide
+    ``log_det_ratio`` and ``scatter``."""
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: torch.Tensor | None = None,
+        sigma_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Laplace approximation of the log marginal likelihood,
+        ``log p(D | theta_MAP) - 1/2 (log det P - log det P_0 + scatter)``, ``()``;
+        differentiable w.r.t. ``prior_precision`` and ``sigma_noise``, which, when
+        given, replace the current values."""
+        self._check_fitted()
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        if sigma_noise is not None:
+            if not self._likelihood_model.has_noise:
+                raise ValueError("sigma_noise can only be set for regression.")
+            self.sigma_noise = sigma_noise
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)
+
+    @property
+    def log_det_ratio(self) -> torch.Tensor:
+        """``log det P - log det P_0``, ``()``."""
+        raise NotImplementedError
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """``(theta_MAP - prior_mean)^T P_0 (theta_MAP - prior_mean)``, ``()``."""
+        raise NotImplementedError
