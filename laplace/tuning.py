@@ -25,6 +25,7 @@ from laplace.utils.validation import validate
 
 __all__ = [
     "PriorTuningMixin",
+    "tuning_method",
     "Spectrum",
     "adam",
     "marglik_tuning",
@@ -227,16 +228,14 @@ def gridsearch_tuning(
     return best_prior
 
 
-class PriorTuningMixin:
-    """``optimize_prior_precision`` of :class:`~laplace.BaseLaplace`, written once
-    for every class; classes refuse what they cannot tune in
-    :meth:`_check_tuning` and hand over a :class:`Spectrum` where the closed
-    form applies (:meth:`_prior_spectrum`)."""
+def tuning_method(default_pred_type: PredType, default_method: str) -> Callable:
+    """``optimize_prior_precision`` with laplace-torch's signature, ``pred_type``
+    and ``method`` defaulting to the class's predictive and tuning method."""
 
     def optimize_prior_precision(
         self,
-        pred_type: PredType | str = PredType.GLM,
-        method: str = "marglik",
+        pred_type: PredType | str = default_pred_type,
+        method: str = default_method,
         n_steps: int = 100,
         lr: float = 1e-1,
         init_prior_prec: float | torch.Tensor = 1.0,
@@ -300,6 +299,17 @@ class PriorTuningMixin:
         self.prior_precision = new
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")
+
+    return optimize_prior_precision
+
+
+class PriorTuningMixin:
+    """``optimize_prior_precision`` of :class:`~laplace.BaseLaplace`, written once
+    for every class; classes refuse what they cannot tune in
+    :meth:`_check_tuning` and hand over a :class:`Spectrum` where the closed
+    form applies (:meth:`_prior_spectrum`)."""
+
+    optimize_prior_precision = tuning_method(PredType.GLM, "marglik")
 
     def _check_tuning(self, pred_type: Any, method: Any, prior_structure: Any) -> Any:
         """Hook: refuse what this class cannot tune; the ``pred_type`` to score

@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader
 from laplace.approximation import atomic, eval_mode
 from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
-from laplace.functional.base import (
+from laplace.functional.function_space import (
     BaseFunctionalLaplace,
-    _check_seed,
-    _positive_int,
+    check_seed,
+    positive_int,
 )
 from laplace.functional.ntk import NTKKernels
 from laplace.signatures import SUBSET_OF_DATA, constructor
@@ -101,8 +101,8 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
     __init__ = constructor(SUBSET_OF_DATA)
 
     def _setup(self, options: dict[str, Any]) -> None:
-        self.n_subset = _positive_int(options["n_subset"], "n_subset")
-        self.seed = _check_seed(options["seed"])
+        self.n_subset = positive_int(options["n_subset"], "n_subset")
+        self.seed = check_seed(options["seed"])
         self.independent_outputs = bool(options["independent_outputs"])
         _check_ggn_backend(options["backend"], options["backend_kwargs"])
         self._J_subset: torch.Tensor | None = None
@@ -118,7 +118,7 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         (``train_loader.dataset`` must be indexable); see
         :meth:`_get_SoD_data_loader`. Only a fit that completes changes the
         object."""
-        self._before_fit(train_loader)
+        self._check_first_batch(train_loader)
         batches = self._batches(self._get_SoD_data_loader(train_loader))
         if progress_bar:
             from tqdm.auto import tqdm
@@ -151,7 +151,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
                 **self._factorization(J, f),
             }
         )
-        self._hyperparameters_changed()
 
     def _get_SoD_data_loader(self, train_loader: Iterable) -> DataLoader:
         """The subset of data: a loader over the rows
@@ -160,11 +159,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         the batch size (and collate function) of ``train_loader``."""
         indices = sod_indices(dataset_size(train_loader), self.n_subset, self.seed)
         return subset_loader(train_loader, indices)
-
-    def _before_fit(self, train_loader: Iterable) -> None:
-        """Hook run before the subset pass: check the model's outputs (and find
-        the last layer)."""
-        self._check_first_batch(train_loader)
 
     def _factorization(self, J: torch.Tensor, f: torch.Tensor) -> dict[str, Any]:
         """The subset's Jacobians ``J`` ``(M, O, P)``, the factors ``L``
@@ -209,24 +203,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         """``delta ||theta_MAP - prior_mean||^2``, ``()``."""
         self._check_fitted()
         return self._delta * (self.mean - self.prior_mean).square().sum()
-
-    def log_marginal_likelihood(
-        self,
-        prior_precision: torch.Tensor | None = None,
-        sigma_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``log p(D_M | theta_MAP) - 1/2 (log det ratio + scatter)`` of the subset
-        ``D_M``; differentiable w.r.t. ``prior_precision`` and ``sigma_noise``,
-        which, when given, replace the current values."""
-        self._check_fitted()
-        if prior_precision is not None:
-            self.prior_precision = prior_precision
-        if sigma_noise is not None:
-            if not self._likelihood_model.has_noise:
-                raise ValueError("sigma_noise can only be set for regression.")
-            self.sigma_noise = sigma_noise
-        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
-        return self._to_output(log_marglik)
 
     # ---- predictive ----------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
@@ -307,4 +283,3 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
                 outputs.append(f)
         J, f = torch.cat(jacobians), torch.cat(outputs)
         self._commit({"_subset_inputs": X, **self._factorization(J, f)})
-        self._hyperparameters_changed()

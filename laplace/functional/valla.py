@@ -37,11 +37,11 @@ from laplace.functional.alpha_energy import (
     gaussian_energy,
     inducing_kl,
 )
-from laplace.functional.base import (
+from laplace.functional.function_space import (
     BaseFunctionalLaplace,
-    _check_seed,
-    _check_zero_prior_mean,
-    _positive_int,
+    check_seed,
+    check_zero_prior_mean,
+    positive_int,
 )
 from laplace.functional.inducing import (
     check_inducing_classes,
@@ -122,7 +122,7 @@ class VaLLA(BaseFunctionalLaplace):
         self.mc_softmax_samples = mc_softmax_samples
         check_inducing_locations(inducing_locations, num_inducing)
         check_inducing_classes(inducing_classes)
-        self.seed = _check_seed(options["seed"])
+        self.seed = check_seed(options["seed"])
         self.inducing_locations = inducing_locations
         self.num_inducing = num_inducing
         self.inducing_classes = inducing_classes
@@ -136,7 +136,7 @@ class VaLLA(BaseFunctionalLaplace):
             )
 
     def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        _check_zero_prior_mean(prior_mean, type(self).__name__)
+        check_zero_prior_mean(prior_mean, type(self).__name__)
 
     @property
     def _learns_noise(self) -> bool:
@@ -175,9 +175,9 @@ class VaLLA(BaseFunctionalLaplace):
         the validation NLL is recorded every ``val_steps`` iterations and at the
         end in ``fit_history_['val_nll']``.
         """
-        _positive_int(iterations, "iterations")
+        positive_int(iterations, "iterations")
         if val_steps is not None:
-            _positive_int(val_steps, "val_steps")
+            positive_int(val_steps, "val_steps")
         self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         with eval_mode(self.model):

@@ -70,9 +70,9 @@ class GLMPredictiveMixin(WeightSamplesMixin):
         ]
         return self.model(x), torch.cat(variances)
 
-    def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor | None]:
-        """Jacobians ``(batch, K, P)`` of the treated parameters (and the output
-        where the selector's pass gives it)."""
+    def _jacobians(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(batch, K, P)`` of the treated parameters and the outputs
+        of the Jacobian pass."""
         Js, f = self._selector.jacobians(
             self.backend, x, self.enable_backprop, self._make_backend
         )
@@ -83,7 +83,7 @@ class GLMPredictiveMixin(WeightSamplesMixin):
         ``model(x)`` in one pass (the Jacobian routes evaluate the network per
         sample, which may round differently) unless the selector's pass gave it."""
         Js, f = self._jacobians(x)
-        return Js, (self.model(x) if f is None else f)
+        return Js, (f if self._selector.batched_outputs else self.model(x))
 
     def _glm_fast_route(
         self, x: Inputs, diagonal: bool

@@ -26,7 +26,7 @@ from laplace.utils.functional_utils import draw_gaussian
 from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 
-__all__ = ["PredictiveMixin", "predictive_call"]
+__all__ = ["PredictiveMixin", "predictive_alias", "predictive_call"]
 
 Inputs = Tensor | MutableMapping
 
@@ -73,18 +73,13 @@ def predictive_call(default: PredType) -> Callable[..., Any]:
     return __call__
 
 
-class PredictiveMixin:
-    """The prediction methods of :class:`~laplace.BaseLaplace`."""
-
-    #: the ``pred_type`` values this class predicts with
-    _pred_types: ClassVar[tuple[PredType, ...]] = (PredType.GLM, PredType.NN)
-
-    __call__ = predictive_call(PredType.GLM)
+def predictive_alias(default: PredType) -> Callable[..., Any]:
+    """``predictive``: laplace-torch's alias of ``__call__``."""
 
     def predictive(
-        self,
+        self: Any,
         x: Inputs,
-        pred_type: PredType | str = PredType.GLM,
+        pred_type: PredType | str = default,
         link_approx: LinkApprox | str = LinkApprox.PROBIT,
         n_samples: int = 100,
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -92,6 +87,18 @@ class PredictiveMixin:
         return self(
             x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
         )
+
+    return predictive
+
+
+class PredictiveMixin:
+    """The prediction methods of :class:`~laplace.BaseLaplace`."""
+
+    #: the ``pred_type`` values this class predicts with
+    _pred_types: ClassVar[tuple[PredType, ...]] = (PredType.GLM, PredType.NN)
+
+    __call__ = predictive_call(PredType.GLM)
+    predictive = predictive_alias(PredType.GLM)
 
     # ---- hooks -------------------------------------------------------------------------
     def _moments(self, x: Inputs, joint: bool, diagonal: bool) -> tuple[Tensor, Tensor]:

@@ -59,6 +59,7 @@ class LastLayer(ParameterSelector):
 
     subset = "last_layer"
     keeps_first_batch = True
+    batched_outputs = True
 
     def __init__(self, options: dict[str, Any]) -> None:
         if options.get("asdl_fisher_kwargs") is not None:

@@ -51,6 +51,9 @@ class ParameterSelector:
     #: whether ``state_dict`` keeps the first training batch (laplace-torch's
     #: last-layer checkpoints do)
     keeps_first_batch: ClassVar[bool] = False
+    #: whether the outputs of :meth:`jacobians` are those of one forward pass
+    #: over the batch (else the predictive mean is ``model(x)``, one pass)
+    batched_outputs: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any]) -> None:
         """``options``: the bound constructor keywords."""
@@ -124,12 +127,10 @@ class ParameterSelector:
     # ---- predictions ------------------------------------------------------------------
     def jacobians(
         self, backend: Any, x: Inputs, enable_backprop: bool, make: Any
-    ) -> tuple[Tensor, Tensor | None]:
-        """Jacobians ``(batch, O, P)`` and, when the same pass gives it, the
-        network output ``(batch, O)`` (else ``None``: the caller runs
-        ``model(x)``, the predictive mean, in one pass)."""
-        Js, _ = backend.jacobians(x, enable_backprop=enable_backprop)
-        return Js, None
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(batch, O, P)`` and the network outputs ``(batch, O)`` of
+        the Jacobian pass (see :attr:`batched_outputs`)."""
+        return backend.jacobians(x, enable_backprop=enable_backprop)
 
     def readout(self, x: Inputs) -> tuple[Tensor, Tensor, nn.Linear] | None:
         """Outputs, features ``(batch, D)`` and the layer when the treated
