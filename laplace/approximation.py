@@ -131,10 +131,10 @@ class BaseLaplace(PriorTuningMixin, HyperparametersMixin):
 
     def _commit(self, state: dict[str, Any]) -> None:
         """Assign a new, complete state built on the side (by ``fit`` or
-        ``load_state_dict``), then drop caches derived from the old one."""
+        ``load_state_dict``); cached values follow their inputs (see
+        :mod:`laplace.utils.memo`)."""
         for name, value in state.items():
             setattr(self, name, value)
-        self._hyperparameters_changed()
 
     # ---- model, device and backend -------------------------------------------
     def _set_device_dtype(self) -> None:

@@ -22,34 +22,33 @@ def _table() -> dict[tuple[str, str], type[BaseLaplace]]:
     approximations of ``hessian_structure='gp'`` under their
     ``functional_approximation`` ('nystrom', 'variational')."""
     # imported here: the classes import this package's modules
-    from laplace.functional import ELLA, FunctionalLaplace, FunctionalLLLaplace, VaLLA
-    from laplace.parametric import (
-        DiagLaplace,
-        DiagLLLaplace,
-        DiagSubnetLaplace,
-        FullLaplace,
-        FullLLLaplace,
-        FullSubnetLaplace,
-        KronLaplace,
-        KronLLLaplace,
-        LowRankLaplace,
-    )
+    from laplace import functional as gp
+    from laplace import parametric as weights
 
-    return {
-        ("all", "full"): FullLaplace,
-        ("all", "kron"): KronLaplace,
-        ("all", "diag"): DiagLaplace,
-        ("all", "lowrank"): LowRankLaplace,
-        ("all", "gp"): FunctionalLaplace,
-        ("all", "nystrom"): ELLA,
-        ("all", "variational"): VaLLA,
-        ("last_layer", "full"): FullLLLaplace,
-        ("last_layer", "kron"): KronLLLaplace,
-        ("last_layer", "diag"): DiagLLLaplace,
-        ("last_layer", "gp"): FunctionalLLLaplace,
-        ("subnetwork", "full"): FullSubnetLaplace,
-        ("subnetwork", "diag"): DiagSubnetLaplace,
+    by_subset = {
+        "all": {
+            "full": weights.FullLaplace,
+            "kron": weights.KronLaplace,
+            "diag": weights.DiagLaplace,
+            "lowrank": weights.LowRankLaplace,
+            "gp": gp.FunctionalLaplace,
+        },
+        "last_layer": {
+            "full": weights.FullLLLaplace,
+            "kron": weights.KronLLLaplace,
+            "diag": weights.DiagLLLaplace,
+            "gp": gp.FunctionalLLLaplace,
+        },
+        "subnetwork": {
+            "full": weights.FullSubnetLaplace,
+            "diag": weights.DiagSubnetLaplace,
+        },
     }
+    table = {
+        (s, h): cls for s, classes in by_subset.items() for h, cls in classes.items()
+    }
+    # the other function-space approximations (subset 'all')
+    return {**table, ("all", "nystrom"): gp.ELLA, ("all", "variational"): gp.VaLLA}
 
 
 _FUNCTIONAL_KEYS = {

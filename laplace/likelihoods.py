@@ -170,8 +170,16 @@ class LikelihoodModel:
         sigma_noise: Tensor,
         temperature: float,
     ) -> Tensor:
-        """Tempered log-likelihood of the training data from the summed loss."""
-        return -loss / temperature
+        """Tempered log-likelihood of the training data from the summed loss:
+        ``-loss / (sigma^2 T) - N * n_outputs * log(sigma sqrt(2 pi))`` with a
+        noise, else ``-loss / T``."""
+        if not self.has_noise:
+            return -loss / temperature
+        factor = 1.0 / (sigma_noise.square() * temperature)
+        normalizer = (
+            n_data * n_outputs * torch.log(sigma_noise * math.sqrt(2 * math.pi))
+        )
+        return -factor * loss - normalizer
 
     def criterion_scale(self, sigma_noise: Tensor, temperature: float) -> Tensor:
         """``c`` with ``log p(D | theta) = -N c mean_loss + const`` for the mean
@@ -266,20 +274,6 @@ class RegressionLikelihood(LikelihoodModel):
         y = self.check_targets(y, f_mu.shape[-1]).to(f_mu.dtype)
         var = f_var.diagonal(dim1=-2, dim2=-1) + sigma_noise.square()
         return -torch.distributions.Normal(f_mu, var.sqrt()).log_prob(y).sum()
-
-    def log_likelihood(
-        self,
-        loss: Tensor,
-        n_data: int,
-        n_outputs: int,
-        sigma_noise: Tensor,
-        temperature: float,
-    ) -> Tensor:
-        factor = 1.0 / (sigma_noise.square() * temperature)
-        normalizer = (
-            n_data * n_outputs * torch.log(sigma_noise * math.sqrt(2 * math.pi))
-        )
-        return -factor * loss - normalizer
 
     def criterion_scale(self, sigma_noise: Tensor, temperature: float) -> Tensor:
         # mean squared error per point: log N(y; f, s^2) = -|f - y|^2 / (2 s^2) + c

@@ -3,7 +3,7 @@ or a grid search scored on validation data.
 
 The algorithms use a Laplace approximation only through its public surface
 (``prior_precision``, ``log_marginal_likelihood``, predictions through
-:func:`~laplace.utils.validation.validate`); where ``log det P`` is a sum over
+:func:`~laplace.utils.validation_score.validate`); where ``log det P`` is a sum over
 the eigenvalues of the curvature, the posterior hands over a :class:`Spectrum`
 and the Adam steps use the closed-form gradient: no autograd graph per step.
 """
@@ -21,7 +21,7 @@ from torch import Tensor
 from laplace.utils.data import split_batch
 from laplace.utils.enums import PredType, PriorStructure, TuningMethod
 from laplace.utils.utils import fix_prior_prec_structure
-from laplace.utils.validation import validate
+from laplace.utils.validation_score import validate
 
 __all__ = [
     "PriorTuningMixin",

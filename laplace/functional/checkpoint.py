@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from laplace.checkpoint import COMMON_KEYS, CheckpointMixin
-from laplace.utils.functional_utils import same_configuration
+from laplace.utils.configuration import same_configuration
 
 __all__ = ["FunctionalCheckpointMixin"]
 
@@ -27,6 +27,8 @@ class FunctionalCheckpointMixin(CheckpointMixin):
 
     # class-specific entries of state_dict(), checked on load
     _state_keys: tuple[str, ...] = ()
+    # constructor settings a state must agree with
+    _settings: tuple[str, ...] = ()
 
     def model_fingerprint(self) -> str:
         """SHA-256 over the names, shapes and values of the model's parameters and
@@ -48,6 +50,7 @@ class FunctionalCheckpointMixin(CheckpointMixin):
             "backend_kwargs": repr(sorted(self.backend_kwargs.items())),
             "dict_key_x": self.dict_key_x,
             "dict_key_y": self.dict_key_y,
+            **{name: getattr(self, name) for name in self._settings},
         }
 
     def _own_entries(self, common: dict[str, Any]) -> dict[str, Any]:

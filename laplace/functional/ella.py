@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from laplace.approximation import atomic, eval_mode
+from laplace.approximation import eval_mode
 from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
 from laplace.functional.function_space import (
     BaseFunctionalLaplace,
     check_seed,
     check_zero_prior_mean,
+    fit_method,
     positive_int,
 )
 from laplace.functional.nystrom import (
@@ -40,11 +41,9 @@ from laplace.functional.nystrom import (
 from laplace.predictive.surface import Inputs
 from laplace.signatures import NYSTROM, constructor
 from laplace.tuning import tuning_method
-from laplace.utils.autograd_mode import autograd_enabled
 from laplace.utils.data import dataset_size
 from laplace.utils.enums import PredType, TuningMethod
-from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
-from laplace.utils.subsets import balanced_indices, random_subset_indices
+from laplace.utils.subsets import balanced_indices, random_subset_indices, subset_loader
 
 __all__ = ["ELLA"]
 
@@ -81,6 +80,12 @@ class ELLA(BaseFunctionalLaplace):
     """
 
     _key = ("all", "nystrom")
+    _settings = (
+        "subsample_size",
+        "n_eigenvalues",
+        "seed",
+        "nystrom_outputs",
+    )
     _state_keys = ("dual_directions", "feature_gram", "fit_history")
 
     __init__ = constructor(NYSTROM, seed=1234)
@@ -116,9 +121,7 @@ class ELLA(BaseFunctionalLaplace):
         check_zero_prior_mean(prior_mean, type(self).__name__)
 
     # ---- fit ---------------------------------------------------------------------------
-    @atomic
-    @preserve_model_gradients
-    @autograd_enabled
+    @fit_method
     def fit(
         self,
         train_loader: Iterable,
@@ -334,14 +337,6 @@ class ELLA(BaseFunctionalLaplace):
         return dict(best)
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _configuration(self) -> dict[str, Any]:
-        return {
-            **super()._configuration(),
-            "subsample_size": self.subsample_size,
-            "n_eigenvalues": self.n_eigenvalues,
-            "seed": self.seed,
-            "nystrom_outputs": self.nystrom_outputs,
-        }
 
     def _own_state(self) -> dict[str, Any]:
         return {

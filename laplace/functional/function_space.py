@@ -15,14 +15,14 @@ network output at the MAP and implement
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from laplace.approximation import BaseLaplace, MarginalLikelihoodMixin
+from laplace.approximation import BaseLaplace, MarginalLikelihoodMixin, atomic
 from laplace.functional.checkpoint import FunctionalCheckpointMixin
 from laplace.predictive.surface import (
     Inputs,
@@ -33,6 +33,7 @@ from laplace.predictive.surface import (
 from laplace.selectors import AllWeights, ParameterSelector
 from laplace.signatures import FUNCTIONAL, constructor
 from laplace.tuning import tuning_method
+from laplace.utils.autograd_mode import autograd_enabled, preserve_model_gradients
 from laplace.utils.empty import empty_predictive
 from laplace.utils.enums import PredType, PriorStructure
 from laplace.utils.eval_mode import eval_mode
@@ -43,8 +44,16 @@ __all__ = [
     "BaseFunctionalLaplace",
     "check_seed",
     "check_zero_prior_mean",
+    "fit_method",
     "positive_int",
 ]
+
+
+def fit_method(fit: Callable[..., None]) -> Callable[..., None]:
+    """A ``fit`` of a function-space class: a transaction (a failing fit leaves
+    the object as it was), with autograd on and the model's ``.grad`` and
+    ``requires_grad`` as before."""
+    return atomic(autograd_enabled(preserve_model_gradients(fit)))
 
 
 def positive_int(value: Any, name: str) -> int:

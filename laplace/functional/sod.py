@@ -26,26 +26,26 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from laplace.approximation import atomic, eval_mode
+from laplace.approximation import eval_mode
 from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
 from laplace.functional.function_space import (
     BaseFunctionalLaplace,
     check_seed,
+    fit_method,
     positive_int,
 )
 from laplace.functional.ntk import NTKKernels
 from laplace.signatures import SUBSET_OF_DATA, constructor
-from laplace.utils.autograd_mode import autograd_enabled
-from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.functional_utils import (
+from laplace.utils.data import (
+    batch_size,
     concatenate_rows,
-    preserve_model_gradients,
+    dataset_size,
     select_rows,
-    subset_loader,
+    to_device,
 )
 from laplace.utils.linalg import symeig
-from laplace.utils.subsets import sod_indices
+from laplace.utils.subsets import sod_indices, subset_loader
 
 __all__ = ["FunctionalLaplace"]
 
@@ -96,6 +96,11 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
     """
 
     _key = ("all", "gp")
+    _settings = (
+        "n_subset",
+        "seed",
+        "independent_outputs",
+    )
     _state_keys = ("subset_inputs",)
 
     __init__ = constructor(SUBSET_OF_DATA)
@@ -110,9 +115,7 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         super()._setup(options)
 
     # ---- fit ---------------------------------------------------------------------------
-    @atomic
-    @autograd_enabled
-    @preserve_model_gradients
+    @fit_method
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``
         (``train_loader.dataset`` must be indexable); see
@@ -247,13 +250,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         return cov.reshape(b * n_out, b * n_out) / self._delta
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _configuration(self) -> dict[str, Any]:
-        return {
-            **super()._configuration(),
-            "n_subset": self.n_subset,
-            "seed": self.seed,
-            "independent_outputs": self.independent_outputs,
-        }
 
     def _own_state(self) -> dict[str, Any]:
         X = self._subset_inputs

@@ -2,32 +2,8 @@
 over a parameter selector and a posterior structure, and the public classes
 that fix them."""
 
-from laplace.parametric.classes import (
-    DiagLaplace,
-    DiagLLLaplace,
-    DiagSubnetLaplace,
-    FullLaplace,
-    FullLLLaplace,
-    FullSubnetLaplace,
-    KronLaplace,
-    KronLLLaplace,
-    LLLaplace,
-    LowRankLaplace,
-    SubnetLaplace,
-)
-from laplace.parametric.posterior import ParametricLaplace
+from laplace.parametric import classes
+from laplace.parametric.classes import *  # noqa: F403 (the public classes)
+from laplace.parametric.weight_space import ParametricLaplace
 
-__all__ = [
-    "ParametricLaplace",
-    "FullLaplace",
-    "KronLaplace",
-    "DiagLaplace",
-    "LowRankLaplace",
-    "LLLaplace",
-    "FullLLLaplace",
-    "KronLLLaplace",
-    "DiagLLLaplace",
-    "SubnetLaplace",
-    "FullSubnetLaplace",
-    "DiagSubnetLaplace",
-]
+__all__ = ["ParametricLaplace", *classes.__all__]

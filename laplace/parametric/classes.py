@@ -1,6 +1,6 @@
 """The public weight-space classes. Each fixes a parameter selector, a posterior
 structure and laplace-torch 0.3's signature; everything else is
-:class:`~laplace.parametric.posterior.ParametricLaplace`. The class tree is
+:class:`~laplace.parametric.weight_space.ParametricLaplace`. The class tree is
 laplace-torch's (``FullLLLaplace`` is an ``LLLaplace`` and a ``FullLaplace``);
 the structure-specific properties are thin views of the posterior precision."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from laplace.parametric.posterior import ParametricLaplace
+from laplace.parametric.weight_space import ParametricLaplace
 from laplace.selectors import LastLayer, Subnetwork
 from laplace.signatures import (
     KRON,

@@ -33,8 +33,7 @@ from laplace.parametric.layer_factors import (
     output_gradients,
 )
 from laplace.structures.blocks import Block
-from laplace.utils.data import batch_size
-from laplace.utils.functional_utils import select_rows
+from laplace.utils.data import batch_size, select_rows
 
 __all__ = [
     "identity_output_variance",

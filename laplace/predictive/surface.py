@@ -22,7 +22,7 @@ from laplace.utils.data import batch_size, to_device
 from laplace.utils.empty import empty_output_width, empty_predictive
 from laplace.utils.enums import LinkApprox, PredType
 from laplace.utils.eval_mode import eval_mode
-from laplace.utils.functional_utils import draw_gaussian
+from laplace.utils.gaussian import draw_gaussian
 from laplace.utils.memory import check_function_samples
 from laplace.utils.utils import normal_samples
 

@@ -118,22 +118,11 @@ class DenseStructure(PosteriorStructure):
     """``hessian_structure='full'``: the dense GGN/EF/Hessian of the backend."""
 
     name = "full"
+    backend_method = "full"
 
     def zero(self, layout: Layout, device: Any, dtype: Any) -> Tensor:
         n = layout.n_params
         return torch.zeros(n, n, device=device, dtype=dtype)
-
-    def batch(
-        self, backend: Any, X: Any, y: Tensor, N: int, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        loss, H = backend.full(X, y)
-        return loss, H.to(dtype)
-
-    def tensors(self, H: Tensor) -> list[Tensor]:
-        return [H]
-
-    def rebuild(self, H: Tensor, tensors: list[Tensor]) -> Tensor:
-        return tensors[0]
 
     def precision(
         self,

@@ -62,21 +62,10 @@ class DiagonalStructure(PosteriorStructure):
     """``hessian_structure='diag'``: the diagonal of the backend's curvature."""
 
     name = "diag"
+    backend_method = "diag"
 
     def zero(self, layout: Layout, device: Any, dtype: Any) -> Tensor:
         return torch.zeros(layout.n_params, device=device, dtype=dtype)
-
-    def batch(
-        self, backend: Any, X: Any, y: Tensor, N: int, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        loss, H = backend.diag(X, y)
-        return loss, H.to(dtype)
-
-    def tensors(self, H: Tensor) -> list[Tensor]:
-        return [H]
-
-    def rebuild(self, H: Tensor, tensors: list[Tensor]) -> Tensor:
-        return tensors[0]
 
     def precision(
         self,

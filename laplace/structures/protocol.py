@@ -130,6 +130,8 @@ class PosteriorStructure:
     per_parameter_prior: ClassVar[bool] = True
     #: why ``fit(..., override=False)`` is refused, if it is
     continuation_error: ClassVar[str | None] = None
+    #: the backend method giving a batch's curvature in this shape
+    backend_method: ClassVar[str]
 
     def __init__(self, options: dict[str, Any]) -> None:
         """``options``: the bound constructor keywords of the class."""
@@ -151,7 +153,8 @@ class PosteriorStructure:
         self, backend: Any, X: Any, y: Tensor, N: int, dtype: torch.dtype
     ) -> tuple[Tensor, Any]:
         """Loss ``()`` and curvature of one batch (of a data set of size ``N``)."""
-        raise NotImplementedError
+        loss, H = getattr(backend, self.backend_method)(X, y)
+        return loss, H.to(dtype)
 
     def add(self, total: Any, batch: Any) -> Any:
         return total + batch
@@ -163,13 +166,15 @@ class PosteriorStructure:
 
     def tensors(self, H: Any) -> list[Tensor]:
         """The accumulated curvature as tensors (summed across ranks)."""
-        raise NotImplementedError(
-            f"hessian_structure={self.name!r} does not support distributed fitting."
-        )
+        if not isinstance(H, Tensor):
+            raise NotImplementedError(
+                f"hessian_structure={self.name!r} does not support distributed fitting."
+            )
+        return [H]
 
     def rebuild(self, H: Any, tensors: list[Tensor]) -> Any:
         """Curvature like ``H`` made of ``tensors`` (from :meth:`tensors`)."""
-        raise NotImplementedError
+        return tensors[0]
 
     def is_finite(self, H: Any) -> bool:
         return bool(torch.isfinite(H).all())
