@@ -63,9 +63,17 @@ class DensePrecision(Precision):
         H_eigenvalues: Callable[[], Tensor],
     ) -> None:
         super().__init__()
-        self.matrix = factor * H + torch.diag(prior_diag)
-        self._factor, self._scalar_prior = factor, scalar_prior
+        self._H, self._factor, self._prior_diag = H, factor, prior_diag
+        self._scalar_prior = scalar_prior
         self._H_eigenvalues = H_eigenvalues
+
+    @property
+    def matrix(self) -> Tensor:
+        """``P``, ``(P, P)`` (formed when first needed: ``log det P`` with a
+        scalar prior does not need it)."""
+        return self._cached(
+            "matrix", lambda: self._factor * self._H + torch.diag(self._prior_diag)
+        )
 
     @property
     def public(self) -> Tensor:
