@@ -69,11 +69,10 @@ class DensePrecision(Precision):
 
     @property
     def matrix(self) -> Tensor:
-        """``P``, ``(P, P)`` (formed when first needed: ``log det P`` with a
-        scalar prior does not need it)."""
-        return self._cached(
-            "matrix", lambda: self._factor * self._H + torch.diag(self._prior_diag)
-        )
+        """``P``, ``(P, P)``, formed on each access and not kept: the Cholesky
+        factor and the scale are (``log det P`` with a scalar prior needs
+        neither)."""
+        return self._factor * self._H + torch.diag(self._prior_diag)
 
     @property
     def public(self) -> Tensor:
