@@ -55,14 +55,18 @@ def test_copies_recompute():
     assert len(calls) == 3
 
 
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(20, 3, generator=gen), torch.randn(20, 2, generator=gen)
+
+
 def _fitted(structure):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
     )
-    X, y = torch.randn(20, 3), torch.randn(20, 2)
     la = Laplace(model, "regression", "all", structure)
-    la.fit(DataLoader(TensorDataset(X, y), batch_size=10))
+    la.fit(DataLoader(TensorDataset(*_data()), batch_size=10))
     return la
 
 
@@ -88,3 +92,17 @@ def test_a_new_curvature_gives_new_eigenvalues():
     evals = la.H_eigenvalues
     la.H = 2 * la.H
     torch.testing.assert_close(la.H_eigenvalues, 2 * evals)
+
+
+def test_kron_damping_set_after_fit_is_used():
+    la = _fitted("kron")
+    undamped = la.log_det_posterior_precision  # cached for damping=False
+    la.damping = True
+    # the same model and data, damped from the start
+    damped = Laplace(la.model, "regression", "all", "kron", damping=True)
+    damped.fit(DataLoader(TensorDataset(*_data()), batch_size=10))
+    torch.testing.assert_close(
+        la.log_det_posterior_precision, damped.log_det_posterior_precision
+    )
+    assert la.H.damping is True
+    assert not torch.allclose(undamped, la.log_det_posterior_precision)

@@ -92,7 +92,12 @@ class KronLaplace(ParametricLaplace):
 
     @property
     def damping(self) -> bool:
+        """Whether the prior is added to each Kronecker factor."""
         return self._structure.damping
+
+    @damping.setter
+    def damping(self, value: bool) -> None:
+        self._structure = KroneckerStructure({"damping": value})
 
     @property
     def H_facs(self) -> Kron | None:

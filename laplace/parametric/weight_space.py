@@ -144,7 +144,19 @@ class ParametricLaplace(
 
     def _init_H(self) -> None:
         """Reset the curvature to zeros."""
-        self._H = self._structure.zero(self._layout, self._device, self._dtype)
+        self._H = self._posterior_structure.zero(
+            self._layout, self._device, self._dtype
+        )
+
+    @property
+    def _posterior_structure(self) -> PosteriorStructure:
+        if self._structure is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no posterior structure; use FullLaplace, "
+                "KronLaplace, DiagLaplace, LowRankLaplace or their last-layer and "
+                "subnetwork versions."
+            )
+        return self._structure
 
     # ---- fit --------------------------------------------------------------------------
     @atomic
@@ -179,8 +191,9 @@ class ParametricLaplace(
         rank gets the posterior of the whole data set; see
         :mod:`laplace.distributed` and docs/distributed.md.
         """
-        if not override and self._structure.continuation_error:
-            raise ValueError(self._structure.continuation_error)
+        structure = self._posterior_structure
+        if not override and structure.continuation_error:
+            raise ValueError(structure.continuation_error)
         try:
             if self._layout is None:
                 X, _ = next(self._batches(train_loader), (None, None))
@@ -296,15 +309,15 @@ class ParametricLaplace(
         """The posterior precision, computed once per curvature and
         hyperparameters (see :mod:`laplace.utils.memo`)."""
         self._check_fitted()
-        H, sigma, T, prior = self._H, self.sigma_noise, self.temperature, None
-        prior = self.prior_precision
+        H, structure, prior = self._H, self._structure, self.prior_precision
+        inputs = (H, structure, self.sigma_noise, self.temperature, prior)
 
         def build() -> Precision:
-            return self._structure.precision(
+            return structure.precision(
                 H, self._H_factor, prior, self._layout, self._memo
             )
 
-        return self._memo.get("precision", (H, sigma, T, prior), build)
+        return self._memo.get("precision", inputs, build)
 
     @property
     def posterior_precision(self) -> Any:
