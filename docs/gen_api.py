@@ -125,12 +125,20 @@ def format_signature(obj: object, name: str, is_class: bool = False) -> str:
     return f"{name}{sig.replace(parameters=params, return_annotation=returns)}"
 
 
+def _is_mixin(base: type) -> bool:
+    """A private base class or a mixin: no page of its own."""
+    name = base.__name__
+    from_laplace = base.__module__.startswith("laplace")
+    return from_laplace and (name.startswith("_") or name.endswith("Mixin"))
+
+
 def _own_members(cls: type) -> list[tuple[str, object]]:
-    """Public methods and properties defined in ``cls`` (plus ``__call__``) or in a
-    private base class, which has no page of its own."""
+    """Public methods and properties defined in ``cls`` (plus ``__call__``) or in
+    the mixins it lists as bases (and their mixin bases)."""
     namespace: dict[str, object] = {}
-    for base in reversed(cls.__mro__[1:]):
-        if base.__name__.startswith("_") and base.__module__.startswith("laplace"):
+    mixins = [m for b in cls.__bases__ if _is_mixin(b) for m in b.__mro__]
+    for base in reversed(list(dict.fromkeys(mixins))):
+        if _is_mixin(base):
             namespace.update(vars(base))
     namespace.update(vars(cls))
     members = []

@@ -13,32 +13,17 @@ Drop-in compatible with the public API of laplace-torch 0.3::
 
 # laplace-torch's module paths, also as attributes of the package
 from laplace import baselaplace as baselaplace
+from laplace import functional, parametric
 from laplace import laplace as laplace
 from laplace import lllaplace as lllaplace
-from laplace.base import BaseLaplace, NotFittedError
+from laplace import subnetlaplace as subnetlaplace
+from laplace.approximation import BaseLaplace, NotFittedError
 from laplace.factory import Laplace
-from laplace.functional import (
-    ELLA,
-    BaseFunctionalLaplace,
-    FunctionalLaplace,
-    FunctionalLLLaplace,
-    VaLLA,
-)
-from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
-from laplace.lowrank import LowRankLaplace
+from laplace.functional import *  # noqa: F403 (the function-space classes)
 from laplace.marglik_training import marglik_training
-from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
-from laplace.subnetlaplace import DiagSubnetLaplace, FullSubnetLaplace, SubnetLaplace
-from laplace.utils.enums import (
-    FunctionalApproximation,
-    HessianStructure,
-    Likelihood,
-    LinkApprox,
-    PredType,
-    PriorStructure,
-    SubsetOfWeights,
-    TuningMethod,
-)
+from laplace.parametric import *  # noqa: F403 (the weight-space classes)
+from laplace.utils import enums
+from laplace.utils.enums import *  # noqa: F403 (the choices of the API)
 
 __version__ = "0.1.0"
 
@@ -46,30 +31,8 @@ __all__ = [
     "Laplace",
     "marglik_training",
     "BaseLaplace",
-    "ParametricLaplace",
-    "FullLaplace",
-    "KronLaplace",
-    "DiagLaplace",
-    "LowRankLaplace",
-    "BaseFunctionalLaplace",
-    "FunctionalLaplace",
-    "FunctionalLLLaplace",
-    "ELLA",
-    "VaLLA",
-    "LLLaplace",
-    "FullLLLaplace",
-    "KronLLLaplace",
-    "DiagLLLaplace",
-    "SubnetLaplace",
-    "FullSubnetLaplace",
-    "DiagSubnetLaplace",
     "NotFittedError",
-    "SubsetOfWeights",
-    "HessianStructure",
-    "FunctionalApproximation",
-    "Likelihood",
-    "PredType",
-    "LinkApprox",
-    "TuningMethod",
-    "PriorStructure",
+    *parametric.__all__,
+    *functional.__all__,
+    *enums.__all__,
 ]

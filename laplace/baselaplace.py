@@ -1,9 +1,14 @@
 """laplace-torch import path ``laplace.baselaplace`` (re-exports)."""
 
-from laplace.base import BaseLaplace
+from laplace.approximation import BaseLaplace
 from laplace.functional import ELLA, BaseFunctionalLaplace, FunctionalLaplace, VaLLA
-from laplace.lowrank import LowRankLaplace
-from laplace.parametric import DiagLaplace, FullLaplace, KronLaplace, ParametricLaplace
+from laplace.parametric import (
+    DiagLaplace,
+    FullLaplace,
+    KronLaplace,
+    LowRankLaplace,
+    ParametricLaplace,
+)
 
 __all__ = [
     "BaseLaplace",

@@ -16,8 +16,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from laplace.hyperparameters import HYPERPARAMETERS
 
 __all__ = [
+    "CheckpointMixin",
+    "COMMON_KEYS",
     "StateDictKeyError",
     "check_state_dict",
     "tensor_entry",
@@ -31,10 +36,6 @@ __all__ = [
     "inputs_entry",
     "model_inputs_entry",
 ]
-
-#: Hyperparameters restored by ``load_state_dict``, in the order they are set
-#: (``sigma_noise`` is checked against the likelihood, the prior against the model).
-HYPERPARAMETERS = ("temperature", "sigma_noise", "prior_mean", "prior_precision")
 
 
 class StateDictKeyError(KeyError, ValueError):
@@ -226,3 +227,119 @@ def model_inputs_entry(name: str) -> Iterator[None]:
             f"State dict entry {name!r} does not fit this model: the model fails on "
             f"it ({type(error).__name__}: {error})."
         ) from error
+
+
+#: Entries every Laplace class saves (with ``n_params``, ``likelihood``,
+#: ``cls_name`` and the class's own).
+COMMON_KEYS = (
+    "loss",
+    "prior_mean",
+    "prior_precision",
+    "sigma_noise",
+    "n_data",
+    "n_outputs",
+    "temperature",
+    "enable_backprop",
+)
+
+
+class CheckpointMixin:
+    """``state_dict`` / ``load_state_dict`` of every Laplace class, written once.
+
+    A class lists its required keys (:meth:`_required_keys`), saves its own
+    entries (:meth:`_own_entries`), checks what must agree before anything else
+    (:meth:`_check_saved_setting`), may prepare the object
+    (:meth:`_prepare_load`, e.g. set the last layer) and turns its validated
+    entries into the attributes to assign (:meth:`_loaded_state`). A load
+    validates every entry before it assigns anything; a failing load leaves the
+    object unchanged (``load_state_dict`` is a transaction).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the fitted posterior, as copies (editing
+        the dict never changes this object); only tensors, numbers, strings,
+        lists and dicts, so it loads with ``torch.load(..., weights_only=True)``."""
+        self._check_fitted()
+        common = {
+            "loss": torch.as_tensor(self.loss),
+            "prior_mean": self.prior_mean,
+            "prior_precision": self.prior_precision,
+            "sigma_noise": self.sigma_noise,
+            "n_data": int(self.n_data),
+            "n_outputs": int(self.n_outputs),
+            "likelihood": self.likelihood.value,
+            "temperature": float(self.temperature),
+            "enable_backprop": bool(self.enable_backprop),
+            "cls_name": type(self).__name__,
+            "n_params": int(self.n_params),
+        }
+        return detached_copy(self._own_entries(common))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` of the same class.
+
+        Raises
+        ------
+        TypeError
+            ``state_dict`` is not a dict, or an entry has the wrong type.
+        StateDictKeyError
+            A required key is missing (a ``KeyError`` and a ``ValueError``).
+        ValueError
+            Another class, likelihood or model, an entry whose shape does not fit
+            this model, NaN/Inf values, or invalid hyperparameters. Nothing is
+            changed then.
+        """
+        with self._transaction():
+            check_state_dict(state_dict, type(self).__name__, self._required_keys())
+            self._check_saved_setting(state_dict)
+            self._prepare_load(state_dict)
+            like = torch.empty(0, device=self._device, dtype=self._dtype)
+            common = self._validated_common(state_dict, like)
+            self._commit({**common, **self._loaded_state(state_dict, like)})
+            self._after_load(state_dict)
+
+    # ---- hooks -------------------------------------------------------------------------
+    def _required_keys(self) -> list[str]:
+        return [*COMMON_KEYS, "likelihood", "cls_name"]
+
+    def _own_entries(self, common: dict[str, Any]) -> dict[str, Any]:
+        """The whole state dict from the ``common`` entries."""
+        return common
+
+    def _check_saved_setting(self, state_dict: dict[str, Any]) -> None:
+        """What must agree before any entry is read (likelihood, class)."""
+        if state_dict["likelihood"] != self.likelihood.value:
+            raise ValueError(
+                f"State dict has likelihood={state_dict['likelihood']!r}, this "
+                f"{type(self).__name__} has {self.likelihood.value!r}."
+            )
+
+    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
+        """Hook run before the entries are validated (it may assign: a failing
+        load is rolled back)."""
+
+    def _loaded_state(self, state_dict: dict[str, Any], like: Tensor) -> dict:
+        """The attributes to assign from the class's own entries, validated."""
+        return {}
+
+    def _after_load(self, state_dict: dict[str, Any]) -> None:
+        """Hook run after the commit (e.g. recomputing Jacobians); still inside
+        the transaction."""
+
+    def _validated_common(self, state_dict: dict[str, Any], like: Tensor) -> dict:
+        if "n_params" in state_dict:  # laplace-torch's state dicts lack it
+            n_params = integer_entry(state_dict["n_params"], "n_params")
+            if n_params != self.n_params:
+                raise ValueError(
+                    f"State dict holds a posterior over {n_params} parameters, this "
+                    f"model has {self.n_params}: it comes from another model."
+                )
+        return {
+            "loss": loss_entry(state_dict["loss"], like),
+            "n_data": integer_entry(state_dict["n_data"], "n_data", minimum=1),
+            "n_outputs": integer_entry(state_dict["n_outputs"], "n_outputs", 1),
+            "enable_backprop": bool_entry(
+                state_dict["enable_backprop"], "enable_backprop"
+            ),
+            **validated_hyperparameters(self, state_dict),
+        }

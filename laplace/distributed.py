@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from laplace.utils.data import batch_size
-from laplace.utils.functional_utils import select_rows
+from laplace.utils.data import batch_size, select_rows
 
 __all__ = ["Shard", "data_shard", "all_reduce_sum", "all_reduce_max"]
 

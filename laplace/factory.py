@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from laplace.base import BaseLaplace
+from laplace.approximation import BaseLaplace
 from laplace.utils.enums import (
     FunctionalApproximation,
     HessianStructure,
@@ -17,23 +17,44 @@ from laplace.utils.enums import (
 __all__ = ["Laplace"]
 
 
-def _registry() -> dict[tuple[str, str], type[BaseLaplace]]:
-    """Every concrete class with a ``_key = (subset_of_weights, structure)``."""
-    found: dict[tuple[str, str], type[BaseLaplace]] = {}
-    stack = [BaseLaplace]
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        key = cls.__dict__.get("_key")
-        if key is not None:
-            found.setdefault(key, cls)
-    return found
+def _table() -> dict[tuple[str, str], type[BaseLaplace]]:
+    """``(subset_of_weights, hessian_structure)`` -> class; the function-space
+    approximations of ``hessian_structure='gp'`` under their
+    ``functional_approximation`` ('nystrom', 'variational')."""
+    # imported here: the classes import this package's modules
+    from laplace import functional as gp
+    from laplace import parametric as weights
+
+    by_subset = {
+        "all": {
+            "full": weights.FullLaplace,
+            "kron": weights.KronLaplace,
+            "diag": weights.DiagLaplace,
+            "lowrank": weights.LowRankLaplace,
+            "gp": gp.FunctionalLaplace,
+        },
+        "last_layer": {
+            "full": weights.FullLLLaplace,
+            "kron": weights.KronLLLaplace,
+            "diag": weights.DiagLLLaplace,
+            "gp": gp.FunctionalLLLaplace,
+        },
+        "subnetwork": {
+            "full": weights.FullSubnetLaplace,
+            "diag": weights.DiagSubnetLaplace,
+        },
+    }
+    table = {
+        (s, h): cls for s, classes in by_subset.items() for h, cls in classes.items()
+    }
+    # the other function-space approximations (subset 'all')
+    return {**table, ("all", "nystrom"): gp.ELLA, ("all", "variational"): gp.VaLLA}
 
 
 _FUNCTIONAL_KEYS = {
     FunctionalApproximation.SOD: None,
-    FunctionalApproximation.NYSTROM: "ELLA",
-    FunctionalApproximation.VARIATIONAL: "VaLLA",
+    FunctionalApproximation.NYSTROM: "nystrom",
+    FunctionalApproximation.VARIATIONAL: "variational",
 }
 
 
@@ -75,14 +96,14 @@ def Laplace(
             "subset_of_weights='subnetwork' supports hessian_structure 'full' or "
             f"'diag'; got {structure.value!r}."
         )
-    registry = _registry()
+    registry = _table()
     if structure is HessianStructure.GP and _FUNCTIONAL_KEYS[approximation]:
         if subset is not SubsetOfWeights.ALL:
             raise ValueError(
                 f"functional_approximation={approximation.value!r} needs "
                 f"subset_of_weights='all'; got {subset.value!r}."
             )
-        key = ("all", approximation.value)
+        key = ("all", _FUNCTIONAL_KEYS[approximation])
     else:
         key = (subset.value, structure.value)
     if key not in registry:

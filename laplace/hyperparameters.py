@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from laplace.likelihoods import likelihood_model
 from laplace.utils.enums import Likelihood
 from laplace.utils.hyperparameters import (
     check_prior_mean,
@@ -17,7 +18,31 @@ from laplace.utils.hyperparameters import (
     check_temperature,
 )
 
-__all__ = ["HyperparametersMixin"]
+__all__ = ["HYPERPARAMETERS", "Hyperparameter", "HyperparametersMixin"]
+
+#: The hyperparameters, in the order they are set (``sigma_noise`` is checked
+#: against the likelihood, the prior against the treated parameters).
+HYPERPARAMETERS = ("temperature", "sigma_noise", "prior_mean", "prior_precision")
+
+
+class Hyperparameter:
+    """A validated hyperparameter attribute of :class:`HyperparametersMixin`:
+    kept as ``_<name>``; an assignment is checked by ``_check_hyperparameters``,
+    which always returns a new tensor object (caches key on the identity of
+    their inputs, see :mod:`laplace.utils.memo`)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.attribute = name, f"_{name}"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.attribute)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        checked = obj._check_hyperparameters(**{self.name: value})[self.name]
+        setattr(obj, self.attribute, checked)
 
 
 class HyperparametersMixin:
@@ -67,7 +92,7 @@ class HyperparametersMixin:
         for name, value in values.items():
             if name == "sigma_noise":
                 tensor = check_sigma_noise(value)
-                if self.likelihood is not Likelihood.REGRESSION and (
+                if not likelihood_model(self.likelihood).has_noise and (
                     float(tensor.detach()) != 1.0
                 ):
                     raise ValueError(
@@ -86,56 +111,19 @@ class HyperparametersMixin:
                 continue
             else:
                 raise TypeError(f"Unknown hyperparameter {name!r}.")
-            checked[name] = self._as_tensor(tensor)
+            # a new tensor object (a view keeps the autograd graph): caches key
+            # on the identity of their inputs
+            checked[name] = self._as_tensor(tensor).view_as(tensor)
         return checked
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = self._check_hyperparameters(temperature=value)[
-            "temperature"
-        ]
-        self._hyperparameters_changed()
-
-    @property
-    def sigma_noise(self) -> torch.Tensor:
-        """Observation noise standard deviation, a 0-dim tensor."""
-        return self._sigma_noise
-
-    @sigma_noise.setter
-    def sigma_noise(self, value: float | torch.Tensor) -> None:
-        self._sigma_noise = self._check_hyperparameters(sigma_noise=value)[
-            "sigma_noise"
-        ]
-        self._hyperparameters_changed()
-
-    @property
-    def prior_precision(self) -> torch.Tensor:
-        """Prior precision: ``(1,)`` scalar, ``(n_layers,)`` or ``(n_params,)``."""
-        return self._prior_precision
-
-    @prior_precision.setter
-    def prior_precision(self, value: float | torch.Tensor) -> None:
-        self._prior_precision = self._check_hyperparameters(prior_precision=value)[
-            "prior_precision"
-        ]
-        self._hyperparameters_changed()
-
-    @property
-    def prior_mean(self) -> torch.Tensor:
-        """Prior mean: ``()`` for a scalar, else ``(1,)`` or ``(n_params,)``."""
-        return self._prior_mean
-
-    @prior_mean.setter
-    def prior_mean(self, value: float | torch.Tensor) -> None:
-        self._prior_mean = self._check_hyperparameters(prior_mean=value)["prior_mean"]
-        self._hyperparameters_changed()
+    temperature = Hyperparameter("Likelihood temperature, a positive float.")
+    sigma_noise = Hyperparameter("Observation noise standard deviation, ``()``.")
+    prior_precision = Hyperparameter(
+        "Prior precision: ``(1,)`` scalar, ``(n_layers,)`` or ``(n_params,)``."
+    )
+    prior_mean = Hyperparameter(
+        "Prior mean: ``()`` for a scalar, else ``(1,)`` or ``(n_params,)``."
+    )
 
     def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
         """Hook for classes that restrict the prior mean further (e.g. to 0)."""
-
-    def _hyperparameters_changed(self) -> None:
-        """Hook for subclasses that cache quantities depending on hyperparameters."""

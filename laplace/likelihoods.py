@@ -94,6 +94,10 @@ class LikelihoodModel:
     identity_hessian: bool = False
     #: the loss name ASDL and BackPACK use for this likelihood
     loss_name: str
+    #: whether targets are class indices (e.g. for class-balanced subsets)
+    class_targets: bool = False
+    #: whether the training data are preference pairs ``(batch, 2, ...)``
+    pairs: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -148,6 +152,15 @@ class LikelihoodModel:
         shape the loss and the metrics expect; ``ValueError`` otherwise."""
         raise NotImplementedError
 
+    def training_targets(self, y: Tensor, f: Tensor) -> Tensor:
+        """Targets of a training step on outputs ``f`` (``marglik_training``), in
+        the shape :meth:`loss_function` expects (soft class labels pass)."""
+        return y
+
+    def is_pair_batch(self, features: Tensor) -> bool:
+        """Whether last-layer features ``(batch, 2, D)`` hold preference pairs."""
+        return self.pairs and features.ndim == 3
+
     # ---- log-likelihood -----------------------------------------------------------------
     def log_likelihood(
         self,
@@ -157,8 +170,16 @@ class LikelihoodModel:
         sigma_noise: Tensor,
         temperature: float,
     ) -> Tensor:
-        """Tempered log-likelihood of the training data from the summed loss."""
-        return -loss / temperature
+        """Tempered log-likelihood of the training data from the summed loss:
+        ``-loss / (sigma^2 T) - N * n_outputs * log(sigma sqrt(2 pi))`` with a
+        noise, else ``-loss / T``."""
+        if not self.has_noise:
+            return -loss / temperature
+        factor = 1.0 / (sigma_noise.square() * temperature)
+        normalizer = (
+            n_data * n_outputs * torch.log(sigma_noise * math.sqrt(2 * math.pi))
+        )
+        return -factor * loss - normalizer
 
     def criterion_scale(self, sigma_noise: Tensor, temperature: float) -> Tensor:
         """``c`` with ``log p(D | theta) = -N c mean_loss + const`` for the mean
@@ -193,6 +214,19 @@ class LikelihoodModel:
         from laplace.utils.metrics import RunningNLLMetric
 
         return RunningNLLMetric()
+
+    def predictive_nll(
+        self, f_mu: Tensor, f_var: Tensor, y: Tensor, sigma_noise: Tensor
+    ) -> Tensor:
+        """Summed negative log predictive density of targets ``y`` under the
+        latent Gaussian ``f_mu (batch, C)``, ``f_var (batch, C, C)``: of the
+        probit probabilities of the classes, ``()``."""
+        from laplace.predictive import probit_probs
+
+        probs = probit_probs(f_mu, f_var.diagonal(dim1=-2, dim2=-1))
+        eps = torch.finfo(probs.dtype).tiny
+        picked = probs.gather(-1, y.long().reshape(-1, 1)).clamp_min(eps)
+        return -picked.log().sum()
 
 
 class RegressionLikelihood(LikelihoodModel):
@@ -230,19 +264,16 @@ class RegressionLikelihood(LikelihoodModel):
     def check_targets(self, y: Tensor, n_outputs: int) -> Tensor:
         return check_regression_targets(y, n_outputs)
 
-    def log_likelihood(
-        self,
-        loss: Tensor,
-        n_data: int,
-        n_outputs: int,
-        sigma_noise: Tensor,
-        temperature: float,
+    def training_targets(self, y: Tensor, f: Tensor) -> Tensor:
+        return check_regression_targets(y, f.shape[-1])
+
+    def predictive_nll(
+        self, f_mu: Tensor, f_var: Tensor, y: Tensor, sigma_noise: Tensor
     ) -> Tensor:
-        factor = 1.0 / (sigma_noise.square() * temperature)
-        normalizer = (
-            n_data * n_outputs * torch.log(sigma_noise * math.sqrt(2 * math.pi))
-        )
-        return -factor * loss - normalizer
+        """Of ``N(f_mu, diag(f_var) + sigma_noise^2)`` per output."""
+        y = self.check_targets(y, f_mu.shape[-1]).to(f_mu.dtype)
+        var = f_var.diagonal(dim1=-2, dim2=-1) + sigma_noise.square()
+        return -torch.distributions.Normal(f_mu, var.sqrt()).log_prob(y).sum()
 
     def criterion_scale(self, sigma_noise: Tensor, temperature: float) -> Tensor:
         # mean squared error per point: log N(y; f, s^2) = -|f - y|^2 / (2 s^2) + c
@@ -261,6 +292,7 @@ class ClassificationLikelihood(LikelihoodModel):
     kind = Likelihood.CLASSIFICATION
     loss_factor = 1.0
     loss_name = "cross_entropy"
+    class_targets = True
 
     def loss_function(self, reduction: str = "sum") -> nn.Module:
         return nn.CrossEntropyLoss(reduction=reduction)
@@ -305,6 +337,9 @@ class RewardModelingLikelihood(ClassificationLikelihood):
     predicted as a regression of one reward per input."""
 
     kind = Likelihood.REWARD_MODELING
+    pairs = True
+    #: the pairs are fitted as a classifier of two logits
+    pair_likelihood = Likelihood.CLASSIFICATION
 
     def check_outputs(self, out: Tensor) -> None:
         """One reward per item: nothing to check beyond the shape."""
@@ -321,11 +356,6 @@ class RewardModelingLikelihood(ClassificationLikelihood):
     def scoring_kwargs(self) -> dict[str, Any]:
         # scored as a classifier of its preference pairs, as laplace-torch does
         return {"fitting": True}
-
-    @staticmethod
-    def is_pair_batch(features: Tensor) -> bool:
-        """Whether last-layer features ``(batch, 2, D)`` hold preference pairs."""
-        return features.ndim == 3
 
 
 _MODELS: dict[Likelihood, LikelihoodModel] = {

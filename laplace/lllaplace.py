@@ -1,7 +1,7 @@
 """laplace-torch import path ``laplace.lllaplace`` (re-exports)."""
 
 from laplace.functional import FunctionalLLLaplace
-from laplace.last_layer import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
+from laplace.parametric import DiagLLLaplace, FullLLLaplace, KronLLLaplace, LLLaplace
 
 __all__ = [
     "LLLaplace",

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from laplace.likelihoods import likelihood_model
 from laplace.utils.enums import HessianStructure, Likelihood, PriorStructure
 
 __all__ = ["check_arguments", "without_weight_decay"]
@@ -65,7 +66,7 @@ def check_arguments(args: dict[str, Any]) -> dict[str, Any]:
             or value <= 0
         ):
             raise ValueError(f"{name} must be a positive finite number; got {value!r}.")
-    if likelihood is not Likelihood.REGRESSION and args["sigma_noise_init"] != 1:
+    if not likelihood_model(likelihood).has_noise and args["sigma_noise_init"] != 1:
         raise ValueError(
             f"sigma_noise_init={args['sigma_noise_init']!r} is only meaningful for "
             f"regression; it must be 1 for likelihood={likelihood.value!r}."

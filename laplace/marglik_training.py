@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace.base import BaseLaplace
+from laplace.approximation import BaseLaplace
 from laplace.factory import Laplace
+from laplace.likelihoods import likelihood_model
 from laplace.marglik_arguments import check_arguments, without_weight_decay
 from laplace.utils.data import dataset_size, split_batch, to_device
 from laplace.utils.enums import HessianStructure, Likelihood, PriorStructure
@@ -166,7 +167,7 @@ def marglik_training(
         ) from err
     if not (torch.isfinite(init).all() and (init > 0).all()):
         raise ValueError(f"prior_prec_init must be positive and finite; got {init}.")
-    learn_sigma = likelihood is Likelihood.REGRESSION and not fix_sigma_noise
+    learn_sigma = likelihood_model(likelihood).has_noise and not fix_sigma_noise
     hyper = _Hyperparameters(init, sigma_noise_init, learn_sigma, lr_hyp)
 
     optimizer = optimizer_cls(params, **without_weight_decay(optimizer_kwargs))
@@ -255,20 +256,17 @@ def _train_epoch(
 ) -> float:
     """One pass over ``loader``; returns the loss per data point."""
     device = params[0].device
-    if likelihood is Likelihood.REGRESSION:
-        criterion: nn.Module = nn.MSELoss()
-        c = temperature / (2 * sigma.square())
-    else:
-        criterion = nn.CrossEntropyLoss()
-        c = temperature
+    lik = likelihood_model(likelihood)
+    criterion = lik.loss_function(reduction="mean")
+    # log p(D | theta) = -n_data * c * criterion + const
+    c = lik.criterion_scale(sigma, temperature)
     total = 0.0
     for batch in loader:
         X, y = split_batch(batch, dict_key_y)
         X, y = to_device(X, device), y.to(device)
         optimizer.zero_grad()
         f = model(X)
-        if likelihood is Likelihood.REGRESSION:
-            y = _regression_targets(y, f)
+        y = lik.training_targets(y, f)
         theta = parameters_to_vector(params)
         prior = 0.5 * (prior_diag.to(theta.dtype) * theta) @ theta
         loss = criterion(f, y) + prior / n_data / c
@@ -276,17 +274,6 @@ def _train_epoch(
         optimizer.step()
         total += float(loss.detach()) * len(y)
     return total / n_data
-
-
-def _regression_targets(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    if y.ndim == 1 and f.ndim == 2 and f.shape[1] == 1:
-        y = y.unsqueeze(-1)  # (batch,) targets of a one-output model
-    if y.shape != f.shape:
-        raise ValueError(
-            f"Regression targets of shape {tuple(y.shape)} do not match the model "
-            f"output of shape {tuple(f.shape)}."
-        )
-    return y
 
 
 class _Hyperparameters:

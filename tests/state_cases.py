@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
-from laplace.base import NotFittedError
+from laplace.approximation import NotFittedError
 from laplace.functional import ELLA, FunctionalLaplace, FunctionalLLLaplace, VaLLA
 
 N, N_OUT, BATCH = 24, 3, 10

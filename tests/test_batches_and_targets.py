@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from laplace import Laplace
+from laplace.likelihoods import likelihood_model
 from laplace.utils import UnknownKeyError
-from laplace.utils.targets import check_targets
 
 KEYS = [
     ("all", "full"),
@@ -140,7 +140,7 @@ def test_gridsearch_checks_validation_targets_like_fit(key, likelihood, bad):
     assert calls == [] and la.prior_precision.tolist() == [0.5]
     # the same message fit gives for those targets
     with pytest.raises(ValueError) as from_fit:
-        check_targets(y_bad, likelihood, 3)
+        likelihood_model(likelihood).check_targets(y_bad, 3)
     assert str(from_fit.value) in str(found.value)
     assert "val_loader batch 1" in str(found.value)
     fresh = build(body(3), likelihood, key)

@@ -361,14 +361,14 @@ def test_valla_classification_fits_and_is_reproducible():
 def test_valla_uncached_minibatches_match_cached(monkeypatch):
     """Large data sets skip the cache of kernel terms and use the loader's
     batches; with one full batch both give the same fit (up to summation order)."""
-    import laplace.functional.valla as valla_module
+    import laplace.functional.valla_training as valla_module
 
     model = tiny_net(2)
     X, y = tiny_data("regression", 2, 10)
     loader = DataLoader(TensorDataset(X, y), batch_size=10)
     fits = []
-    for budget in (valla_module._CACHE_ELEMENTS, 0):
-        monkeypatch.setattr(valla_module, "_CACHE_ELEMENTS", budget)
+    for budget in (valla_module.CACHE_ELEMENTS, 0):
+        monkeypatch.setattr(valla_module, "CACHE_ELEMENTS", budget)
         la = VaLLA(model, "regression", X[:3], alpha=0.5)
         la.fit(loader, iterations=5, lr=1e-2)
         fits.append(la)

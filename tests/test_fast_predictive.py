@@ -98,7 +98,7 @@ def forbid(la, name):
 def check_against_truth(la, X_test, J, jac_name):
     Sigma = dense_covariance(la)
     truth = J @ Sigma @ J.mT
-    Js, f_ref = la._jacobians(X_test)
+    Js, f_ref = la._jacobians_and_output(X_test)
     route = la.functional_variance(Js)
     forbid(la, jac_name)
     f_mu, f_var = la._glm_predictive_distribution(X_test)
@@ -232,11 +232,12 @@ def test_input_gradients_match_the_jacobian_route(key):
     mean, var = la(x_fast)
     (mean.sum() + var.sum()).backward()
     x_ref = X_test.clone().requires_grad_(True)
-    Js, f = la._jacobians(x_ref)
+    Js, f = la._jacobians_and_output(x_ref)
     (f.sum() + la.functional_variance(Js).sum()).backward()
     torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=RTOL_ROUTE, atol=1e-14)
 
 
+@pytest.mark.layer_factor_fit
 @pytest.mark.parametrize(
     "arch,subset",
     [("cnn", "all"), ("seq", "all"), ("frozen", "all"), ("mlp", "last_layer")],
@@ -268,6 +269,7 @@ def test_layerwise_ggn_fit_matches_dense(arch, subset, structure, likelihood, n_
     torch.testing.assert_close(la.loss, loss, rtol=RTOL_DENSE, atol=0)
 
 
+@pytest.mark.layer_factor_fit
 @pytest.mark.parametrize(
     "arch,subset",
     [("cnn", "all"), ("seq", "all"), ("frozen", "all"), ("mlp", "last_layer")],

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import FullLaplace, FullLLLaplace, Laplace
-from laplace.base import NotFittedError
+from laplace.approximation import NotFittedError
 from laplace.curvature import CurvlinopsEF
 from laplace.functional import (
     ELLA,

@@ -103,6 +103,7 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.layer_factor_fit
 def test_memory_grows_like_p_squared_not_classes_squared():
     """Many classes on few features: no intermediate beyond the ``(P, P)``
     result and ``(batch, P)`` chunks. The Kronecker-product route held ``batch *

@@ -10,10 +10,9 @@ import torch
 from ground_truth import dense_ggn, dense_jacobians, tiny_loader, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
-import laplace.lowrank as lowrank_module
-from laplace import FullLaplace, Laplace
+import laplace.structures.lowrank as lowrank_module
+from laplace import FullLaplace, Laplace, LowRankLaplace
 from laplace.curvature import CurvlinopsEF, GGNInterface
-from laplace.lowrank import LowRankLaplace
 
 RTOL = 1e-6
 N_PARAMS = {1: 17, 2: 22, 3: 27}  # 2 -> 4 -> n_out
@@ -107,7 +106,7 @@ def test_lanczos_top_k_matches_dense_eigh(likelihood, n_out, monkeypatch):
     def no_dense(*args, **kwargs):
         raise AssertionError("k << P must use Lanczos, not the dense path")
 
-    monkeypatch.setattr(lowrank_module, "_dense_eigh", no_dense)
+    monkeypatch.setattr(lowrank_module, "dense_eigh", no_dense)
     k = 5
     la, model, _, X = fit_lowrank(likelihood, n_out, k, **reg_kwargs(likelihood))
     evals, evecs = torch.linalg.eigh(dense_ggn(model, X, likelihood))
@@ -129,7 +128,7 @@ def test_lanczos_top_k_matches_dense_eigh(likelihood, n_out, monkeypatch):
     f_var = J @ torch.linalg.solve(P_k, J.mT)
     torch.testing.assert_close(la.functional_variance(J), f_var, rtol=RTOL, atol=1e-10)
     torch.testing.assert_close(
-        la._functional_variance_diag(J),
+        la._precision().square_form_diagonal(J),
         f_var.diagonal(dim1=1, dim2=2),
         rtol=RTOL,
         atol=1e-10,
@@ -170,7 +169,7 @@ def test_samples_have_posterior_covariance(prior_kind):
     (U, scaled), p0 = la.posterior_precision
     cov = torch.linalg.inv(U @ torch.diag(scaled) @ U.T + torch.diag(p0))
     # exact: the deviations are a linear map M with M M^T = Sigma
-    M = la._sample_deviations(torch.eye(P)).T
+    M = la._precision().sample_deviations(torch.eye(P)).T
     torch.testing.assert_close(M @ M.T, cov, rtol=RTOL, atol=1e-12)
     n = 100000
     samples = la.sample(n, generator=torch.Generator().manual_seed(0))

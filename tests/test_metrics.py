@@ -507,7 +507,7 @@ def test_validate_scores_on_the_metric_device():
 
 
 def test_gridsearch_default_losses_are_torchmetrics(monkeypatch):
-    from laplace.utils import validation
+    from laplace.utils import validation_score as validation
 
     seen = []
     original = validation.validate
@@ -516,7 +516,7 @@ def test_gridsearch_default_losses_are_torchmetrics(monkeypatch):
         seen.append(loss)
         return original(la, val_loader, loss, *args, **kwargs)
 
-    monkeypatch.setattr("laplace.prior_tuning.validate", spy)
+    monkeypatch.setattr("laplace.tuning.validate", spy)
     for likelihood, expected in [
         ("classification", RunningNLLMetric),
         ("regression", torchmetrics.MeanSquaredError),

@@ -139,7 +139,7 @@ def test_samples_do_not_depend_on_chunking(structure, subset, one_draw, monkeypa
         monkeypatch.setattr(type(la), "_draws_noise_in_chunks", lambda self: False)
     torch.manual_seed(7)
     eps = torch.randn(21, la.n_params)
-    expected = la.mean + la._sample_deviations(eps)
+    expected = la.mean + la._precision().sample_deviations(eps)
     after_expected = torch.randn(3)
     la.sample_chunk_elements = 3 * la.n_params
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""Closed-form marginal-likelihood prior tuning (``laplace.prior_tuning``).
+"""Closed-form marginal-likelihood prior tuning (``laplace.tuning``).
 
 Where ``log det P`` is a sum over the eigenvalues of ``H`` (full with a scalar
 prior, Kron per layer, diagonal per parameter), the Adam steps use a closed-form
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace import Laplace
-from laplace.prior_tuning import _adam, _spectral_gradient
+from laplace.tuning import adam
 
 N, D = 40, 3
 
@@ -57,7 +57,7 @@ CONFIGS = [
 
 
 def _generic(la):
-    la._H_spectrum = lambda: None  # instance attribute: this posterior only
+    la._prior_spectrum = lambda n_priors: None  # this posterior only
     return la
 
 
@@ -68,9 +68,9 @@ def test_closed_form_gradient_matches_finite_differences(
 ):
     la = _fitted(likelihood, subset, structure)
     n_priors = {"scalar": 1, "layerwise": la.n_layers, "diag": la.n_params}[prior]
-    found = _spectral_gradient(la, n_priors)
+    found = la._prior_spectrum(n_priors)
     assert found is not None
-    gradient, _ = found
+    gradient = found.gradient
     t = torch.linspace(-1.0, 1.5, n_priors)
     eps = 1e-6
     numeric = torch.empty(n_priors)
@@ -97,7 +97,7 @@ def test_tuned_prior_equals_autograd_adam(likelihood, subset, structure, prior):
 
 def test_kron_damping_has_no_closed_form():
     la = _fitted("regression", "all", "kron", damping=True)
-    assert _spectral_gradient(la, 1) is None
+    assert la._prior_spectrum(1) is None
 
 
 def test_adam_matches_torch_optim_adam():
@@ -114,7 +114,7 @@ def test_adam_matches_torch_optim_adam():
         x.grad = gradient(x.detach())
         optimizer.step()
         lowest = torch.minimum(lowest, x.detach())
-    ours, ours_lowest = _adam(torch.zeros(3), gradient, range(50), lr=0.1)
+    ours, ours_lowest = adam(torch.zeros(3), gradient, range(50), lr=0.1)
     torch.testing.assert_close(ours, x.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_lowest, lowest, rtol=0, atol=0)
 
@@ -124,7 +124,6 @@ def test_leaving_positive_definite_region_reports_like_generic_path():
     # must report it the same way (FullLaplace raises a ValueError)
     la = _fitted("regression", "all", "full")
     la.H = la.H - 3.0 * torch.eye(la.n_params)
-    la._H_eigenvalues = None
-    assert _spectral_gradient(la, 1) is not None
+    assert la._prior_spectrum(1) is not None
     with pytest.raises(ValueError, match="positive definite"):
         la.optimize_prior_precision(method="marglik", n_steps=50, lr=1.0)

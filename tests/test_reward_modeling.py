@@ -159,3 +159,32 @@ def test_reward_model_gridsearch_scores_pair_nll(subset):
     assert 0 < nll.argmin() < len(grid) - 1
     assert nll.sort().values[1] - nll.min() > 1e-6
     torch.testing.assert_close(la.prior_precision, grid[nll.argmin()].reshape(1))
+
+
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_reward_predictions_have_a_joint_covariance_and_pair_samples(subset):
+    """Rewards are means and variances, so joint=True gives the joint covariance
+    J Sigma J^T over all items (as for regression); class probabilities of
+    pairs (fitting=True) have none. predictive_samples(fitting=True) draws pair
+    probabilities."""
+    model = RewardModel().double()
+    X, y = pairs()
+    la = Laplace(model, "reward_modeling", subset, "full", prior_precision=0.5)
+    la.fit(DataLoader(TensorDataset(X, y), batch_size=6))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f_mu, f_cov = la(x, joint=True)
+    assert f_mu.shape == (4,) and f_cov.shape == (4, 4)
+    P = dense_pair_ggn(model, X, subset == "last_layer") + 0.5 * torch.eye(la.n_params)
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    if subset == "last_layer":
+        named = {k: v for k, v in named.items() if k.startswith("head.")}
+    J = jacrev(lambda p: functional_call(model, p, (x,)))(named)
+    J = torch.cat([j.reshape(4, -1) for j in J.values()], -1)
+    torch.testing.assert_close(
+        f_cov, J @ torch.linalg.solve(P, J.T), rtol=1e-8, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="joint"):
+        la(X[:3], joint=True, fitting=True)
+    samples = la.predictive_samples(X[:3], n_samples=5, fitting=True)
+    assert samples.shape == (5, 3, 2)
+    torch.testing.assert_close(samples.sum(-1), torch.ones(5, 3), rtol=1e-12, atol=0)

@@ -22,16 +22,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import eval_mode
 from laplace.checkpoint import history_entry, symmetric_entry, tensor_entry
-from laplace.functional.base import (
+from laplace.functional.function_space import (
     BaseFunctionalLaplace,
-    Inputs,
-    _check_seed,
-    _check_zero_prior_mean,
-    _positive_int,
+    check_seed,
+    check_zero_prior_mean,
+    fit_method,
+    positive_int,
 )
 from laplace.functional.nystrom import (
     NYSTROM_OUTPUTS,
@@ -39,11 +38,12 @@ from laplace.functional.nystrom import (
     nystrom_directions,
     nystrom_rows,
 )
-from laplace.utils.autograd_mode import autograd_enabled
+from laplace.predictive.surface import Inputs
+from laplace.signatures import NYSTROM, constructor
+from laplace.tuning import tuning_method
 from laplace.utils.data import dataset_size
-from laplace.utils.enums import Likelihood, PredType, TuningMethod
-from laplace.utils.functional_utils import preserve_model_gradients, subset_loader
-from laplace.utils.subsets import balanced_indices, random_subset_indices
+from laplace.utils.enums import PredType, TuningMethod
+from laplace.utils.subsets import balanced_indices, random_subset_indices, subset_loader
 
 __all__ = ["ELLA"]
 
@@ -80,34 +80,28 @@ class ELLA(BaseFunctionalLaplace):
     """
 
     _key = ("all", "nystrom")
+    _settings = (
+        "subsample_size",
+        "n_eigenvalues",
+        "seed",
+        "nystrom_outputs",
+    )
     _state_keys = ("dual_directions", "feature_gram", "fit_history")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        subsample_size: int,
-        n_eigenvalues: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        seed: int = 1234,
-        nystrom_outputs: str = "random",
-    ) -> None:
-        self.subsample_size = _positive_int(subsample_size, "subsample_size")
-        self.n_eigenvalues = _positive_int(n_eigenvalues, "n_eigenvalues")
+    __init__ = constructor(NYSTROM, seed=1234)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        subsample_size = options["subsample_size"]
+        n_eigenvalues = options["n_eigenvalues"]
+        self.subsample_size = positive_int(subsample_size, "subsample_size")
+        self.n_eigenvalues = positive_int(n_eigenvalues, "n_eigenvalues")
         if n_eigenvalues > subsample_size:
             raise ValueError(
                 f"n_eigenvalues={n_eigenvalues} must not exceed "
                 f"subsample_size={subsample_size}."
             )
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(options["seed"])
+        nystrom_outputs = options["nystrom_outputs"]
         if nystrom_outputs not in NYSTROM_OUTPUTS:
             raise ValueError(
                 f"nystrom_outputs must be one of {list(NYSTROM_OUTPUTS)}; got "
@@ -121,27 +115,13 @@ class ELLA(BaseFunctionalLaplace):
             "val_nll": [],
             "tuning": [],
         }
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
 
     def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        _check_zero_prior_mean(prior_mean, type(self).__name__)
+        check_zero_prior_mean(prior_mean, type(self).__name__)
 
     # ---- fit ---------------------------------------------------------------------------
-    @atomic
-    @preserve_model_gradients
-    @autograd_enabled
+    @fit_method
     def fit(
         self,
         train_loader: Iterable,
@@ -167,7 +147,7 @@ class ELLA(BaseFunctionalLaplace):
                 f"training points {n_total}."
             )
         if val_steps is not None:
-            _positive_int(val_steps, "val_steps")
+            positive_int(val_steps, "val_steps")
         indices = self._subsample(train_loader, n_total, balanced)
         with eval_mode(self.model):
             subset = subset_loader(train_loader, indices)
@@ -185,7 +165,7 @@ class ELLA(BaseFunctionalLaplace):
     ) -> torch.Tensor:
         if not balanced:
             return random_subset_indices(n_total, self.subsample_size, self.seed)
-        if self.likelihood is Likelihood.REGRESSION:
+        if not self._likelihood_model.class_targets:
             raise ValueError("balanced=True needs a classification likelihood.")
         ordered = subset_loader(loader, range(n_total))
         targets = torch.cat([y.reshape(-1).cpu() for _, y in self._batches(ordered)])
@@ -232,10 +212,8 @@ class ELLA(BaseFunctionalLaplace):
                 "The training loss or the feature Gram matrix contains NaN or Inf; "
                 "check the data for NaN/Inf and the model for divergence."
             )
-        self._hyperparameters_changed()
 
     def _check_validation(self, val_loader: Iterable, best: tuple | None) -> tuple:
-        self._hyperparameters_changed()
         nll = self._validation_nll(val_loader)
         self.fit_history_["processed_examples"].append(int(self.n_data))
         self.fit_history_["val_nll"].append(nll)
@@ -256,17 +234,14 @@ class ELLA(BaseFunctionalLaplace):
     def chol_precision(self) -> torch.Tensor:
         """Lower Cholesky factor of ``c * feature_gram + delta I``, ``(k, k)``."""
         self._check_fitted()
-        needs_graph = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.prior_precision, self.sigma_noise)
-        )
-        if self._cache is not None and not needs_graph:
-            return self._cache
-        gram = self.feature_gram
-        eye = torch.eye(len(gram), device=gram.device, dtype=gram.dtype)
-        chol = torch.linalg.cholesky(self._H_factor * gram + self.prior_precision * eye)
-        if not needs_graph:
-            self._cache = chol.detach()
-        return chol
+        gram, prior = self.feature_gram, self.prior_precision
+        inputs = (gram, self.sigma_noise, self.temperature, prior)
+
+        def compute() -> torch.Tensor:
+            eye = torch.eye(len(gram), device=gram.device, dtype=gram.dtype)
+            return torch.linalg.cholesky(self._H_factor * gram + prior * eye)
+
+        return self._memo.get("chol_precision", inputs, compute)
 
     def _feature_covariance(self, phi: torch.Tensor, joint: bool) -> torch.Tensor:
         """``phi (c G + delta I)^{-1} phi^T`` per input ``(batch, O, O)`` or joint."""
@@ -279,7 +254,7 @@ class ELLA(BaseFunctionalLaplace):
         Z = Z.reshape(k, batch, n_out)
         return torch.einsum("kbo,kbp->bop", Z, Z)
 
-    def _moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gp_moments(self, x: Inputs, joint: bool) -> tuple[torch.Tensor, torch.Tensor]:
         f, phi = self._features(x)
         cov = self._feature_covariance(phi, joint)
         return (f.flatten(), cov) if joint else (f, cov)
@@ -300,30 +275,26 @@ class ELLA(BaseFunctionalLaplace):
             "optimize_hyperparameters(val_loader, grid)."
         )
 
-    def optimize_prior_precision(
-        self,
-        pred_type: PredType | str = PredType.GP,
-        method: str = "gridsearch",
-        **kwargs: Any,
-    ) -> None:
-        """Grid search of the scalar prior precision on ``val_loader`` (the only
-        method ELLA supports; ``'marglik'`` raises ``NotImplementedError``);
-        arguments as :meth:`BaseFunctionalLaplace.optimize_prior_precision`.
+    optimize_prior_precision = tuning_method(PredType.GP, "gridsearch")
 
-        Without ``loss``, each grid point is scored by the validation negative
-        log predictive density: of the probabilities (``link_approx``) for
-        classification, of ``N(f_mu, f_var + sigma_noise^2)`` for regression
-        (the mean squared error would not depend on the prior: ELLA's mean is
-        the network output)."""
-        method = TuningMethod.parse(method, "method")
-        if method is TuningMethod.MARGLIK:
+    def _check_tuning(self, pred_type: Any, method: Any, prior_structure: Any) -> Any:
+        # ELLA has no marginal likelihood: a grid search of the scalar prior
+        if TuningMethod.parse(method, "method") is TuningMethod.MARGLIK:
             raise NotImplementedError(
                 "ELLA has no marginal likelihood; use method='gridsearch' with a "
                 "val_loader."
             )
-        if kwargs.get("loss") is None and self.likelihood is Likelihood.REGRESSION:
-            kwargs["loss"] = self._gaussian_nll
-        super().optimize_prior_precision(pred_type=pred_type, method=method, **kwargs)
+        return super()._check_tuning(pred_type, method, prior_structure)
+
+    def _default_tuning_loss(self) -> Any:
+        """Without ``loss``, each grid point is scored by the validation negative
+        log predictive density: of the probabilities (``link_approx``) for
+        classification, of ``N(f_mu, f_var + sigma_noise^2)`` for regression
+        (the mean squared error would not depend on the prior: ELLA's mean is
+        the network output)."""
+        if self._likelihood_model.has_noise:
+            return self._gaussian_nll
+        return super()._default_tuning_loss()
 
     def _gaussian_nll(
         self, f_mu: torch.Tensor, f_var: torch.Tensor, y: torch.Tensor
@@ -366,14 +337,6 @@ class ELLA(BaseFunctionalLaplace):
         return dict(best)
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _configuration(self) -> dict[str, Any]:
-        return {
-            **super()._configuration(),
-            "subsample_size": self.subsample_size,
-            "n_eigenvalues": self.n_eigenvalues,
-            "seed": self.seed,
-            "nystrom_outputs": self.nystrom_outputs,
-        }
 
     def _own_state(self) -> dict[str, Any]:
         return {

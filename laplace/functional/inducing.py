@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from laplace.utils.data import batch_size, dataset_size
-from laplace.utils.functional_utils import concatenate_rows, subset_loader
-from laplace.utils.subsets import random_subset_indices
+from laplace.utils.data import batch_size, concatenate_rows, dataset_size
+from laplace.utils.subsets import random_subset_indices, subset_loader
 
 __all__ = [
     "check_inducing_classes",

@@ -24,29 +24,28 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import eval_mode
 from laplace.checkpoint import detached_copy, inputs_entry, model_inputs_entry
 from laplace.curvature.curvature import GGNInterface
-from laplace.functional.base import (
+from laplace.functional.function_space import (
     BaseFunctionalLaplace,
-    _check_seed,
-    _positive_int,
+    check_seed,
+    fit_method,
+    positive_int,
 )
 from laplace.functional.ntk import NTKKernels
-from laplace.utils.autograd_mode import autograd_enabled
-from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.enums import Likelihood
-from laplace.utils.functional_utils import (
+from laplace.signatures import SUBSET_OF_DATA, constructor
+from laplace.utils.data import (
+    batch_size,
     concatenate_rows,
-    preserve_model_gradients,
+    dataset_size,
     select_rows,
-    subset_loader,
+    to_device,
 )
 from laplace.utils.linalg import symeig
-from laplace.utils.subsets import sod_indices
+from laplace.utils.subsets import sod_indices, subset_loader
 
 __all__ = ["FunctionalLaplace"]
 
@@ -97,55 +96,32 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
     """
 
     _key = ("all", "gp")
+    _settings = (
+        "n_subset",
+        "seed",
+        "independent_outputs",
+    )
     _state_keys = ("subset_inputs",)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        n_subset: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        independent_outputs: bool = False,
-        seed: int = 0,
-    ) -> None:
-        self.n_subset = _positive_int(n_subset, "n_subset")
-        self.seed = _check_seed(seed)
-        self.independent_outputs = bool(independent_outputs)
-        _check_ggn_backend(backend, backend_kwargs)
+    __init__ = constructor(SUBSET_OF_DATA)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        self.n_subset = positive_int(options["n_subset"], "n_subset")
+        self.seed = check_seed(options["seed"])
+        self.independent_outputs = bool(options["independent_outputs"])
+        _check_ggn_backend(options["backend"], options["backend_kwargs"])
         self._J_subset: torch.Tensor | None = None
         self._L_subset: torch.Tensor | None = None
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
 
     # ---- fit ---------------------------------------------------------------------------
-    @atomic
-    @autograd_enabled
-    @preserve_model_gradients
+    @fit_method
     def fit(self, train_loader: Iterable, progress_bar: bool = False) -> None:
         """Condition the GP on ``n_subset`` random points of ``train_loader``
         (``train_loader.dataset`` must be indexable); see
         :meth:`_get_SoD_data_loader`. Only a fit that completes changes the
         object."""
-        self._before_fit(train_loader)
+        self._check_first_batch(train_loader)
         batches = self._batches(self._get_SoD_data_loader(train_loader))
         if progress_bar:
             from tqdm.auto import tqdm
@@ -178,7 +154,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
                 **self._factorization(J, f),
             }
         )
-        self._hyperparameters_changed()
 
     def _get_SoD_data_loader(self, train_loader: Iterable) -> DataLoader:
         """The subset of data: a loader over the rows
@@ -187,11 +162,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         the batch size (and collate function) of ``train_loader``."""
         indices = sod_indices(dataset_size(train_loader), self.n_subset, self.seed)
         return subset_loader(train_loader, indices)
-
-    def _before_fit(self, train_loader: Iterable) -> None:
-        """Hook run before the subset pass: check the model's outputs (and find
-        the last layer)."""
-        self._check_first_batch(train_loader)
 
     def _factorization(self, J: torch.Tensor, f: torch.Tensor) -> dict[str, Any]:
         """The subset's Jacobians ``J`` ``(M, O, P)``, the factors ``L``
@@ -237,24 +207,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         self._check_fitted()
         return self._delta * (self.mean - self.prior_mean).square().sum()
 
-    def log_marginal_likelihood(
-        self,
-        prior_precision: torch.Tensor | None = None,
-        sigma_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``log p(D_M | theta_MAP) - 1/2 (log det ratio + scatter)`` of the subset
-        ``D_M``; differentiable w.r.t. ``prior_precision`` and ``sigma_noise``,
-        which, when given, replace the current values."""
-        self._check_fitted()
-        if prior_precision is not None:
-            self.prior_precision = prior_precision
-        if sigma_noise is not None:
-            if self.likelihood is not Likelihood.REGRESSION:
-                raise ValueError("sigma_noise can only be set for regression.")
-            self.sigma_noise = sigma_noise
-        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
-        return self._to_output(log_marglik)
-
     # ---- predictive ----------------------------------------------------------------------
     def _weights(self) -> torch.Tensor:
         """``1 / (delta / c + a)``, ``(M * O,)`` or ``(O, M)``."""
@@ -298,13 +250,6 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
         return cov.reshape(b * n_out, b * n_out) / self._delta
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _configuration(self) -> dict[str, Any]:
-        return {
-            **super()._configuration(),
-            "n_subset": self.n_subset,
-            "seed": self.seed,
-            "independent_outputs": self.independent_outputs,
-        }
 
     def _own_state(self) -> dict[str, Any]:
         X = self._subset_inputs
@@ -334,4 +279,3 @@ class FunctionalLaplace(NTKKernels, BaseFunctionalLaplace):
                 outputs.append(f)
         J, f = torch.cat(jacobians), torch.cat(outputs)
         self._commit({"_subset_inputs": X, **self._factorization(J, f)})
-        self._hyperparameters_changed()

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from copy import deepcopy
 from typing import Any
 
-import torch
-from torch import nn
-
-from laplace.base import eval_mode
-from laplace.functional.base import Inputs
 from laplace.functional.sod import FunctionalLaplace
-from laplace.utils.enums import FeatureReduction, Likelihood
-from laplace.utils.feature_extractor import FeatureExtractor, LastLayerRollbackMixin
-from laplace.utils.model_checks import check_extractor_output, check_untied_last_layer
+from laplace.selectors import LastLayer
+from laplace.signatures import SUBSET_OF_DATA_LAST_LAYER, constructor
 
 __all__ = ["FunctionalLLLaplace"]
 
 
-class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
+class FunctionalLLLaplace(FunctionalLaplace):
     """:class:`FunctionalLaplace` over the last layer only: the GP inputs are the
     penultimate features of a deep copy of ``model`` (wrapped in a
-    :class:`~laplace.utils.feature_extractor.FeatureExtractor`).
+    :class:`~laplace.utils.feature_extractor.FeatureExtractor`; see
+    :class:`~laplace.selectors.LastLayer`).
 
     Parameters
     ----------
@@ -32,102 +25,10 @@ class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
         Found on the first batch of ``fit`` when ``None``.
     """
 
-    _key = ("last_layer", "gp")
+    _selector_type = LastLayer
     _state_keys = ("subset_inputs", "last_layer_name")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        n_subset: int,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        feature_reduction: FeatureReduction | str | None = None,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        last_layer_name: str | None = None,
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        independent_outputs: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
-        extractor = FeatureExtractor(
-            deepcopy(model),
-            last_layer_name=last_layer_name,
-            enable_backprop=enable_backprop,
-            feature_reduction=feature_reduction,
-        )
-        super().__init__(
-            extractor,
-            likelihood,
-            n_subset,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-            independent_outputs=independent_outputs,
-            seed=seed,
-        )
-
-    def _init_params(self) -> None:
-        if self.model.last_layer is None:
-            # found on the first batch of fit()
-            self.params, self.mean, self.n_params, self.n_layers = [], None, None, 0
-            return
-        check_untied_last_layer(
-            self.model.model, self.model.last_layer, self.model.last_layer_name
-        )
-        super()._init_params()
-
-    def _treated_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.last_layer.parameters() if p.requires_grad]
-
-    def _backend_init_kwargs(self) -> dict[str, Any]:
-        return {**super()._backend_init_kwargs(), "last_layer": True}
-
-    def _before_fit(self, train_loader: Iterable) -> None:
-        X, _ = next(self._batches(train_loader), (None, None))
-        if X is None:
-            raise ValueError("train_loader yielded no batches.")
-        if self.model.last_layer is None:
-            with torch.no_grad(), eval_mode(self.model):
-                out, phi = self.model.find_last_layer_with_features(X)
-            self._backend = None
-            self._init_params()
-            self._check_last_layer_outputs(out, phi)
-        else:
-            self._check_model_outputs(X)
-
-    def _check_model_outputs(self, X: Inputs) -> int:
-        with torch.no_grad(), eval_mode(self.model):
-            out, phi = self.model.forward_with_features(X)
-        return self._check_last_layer_outputs(out, phi)
-
-    def _check_last_layer_outputs(self, out: Any, phi: torch.Tensor) -> int:
-        f = check_extractor_output(self.model, out, phi, self.likelihood)
-        self._outputs_checked = True
-        return f.shape[-1]
-
-    def _jacobians(
-        self, x: Inputs, enable_backprop: bool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        backprop = self.enable_backprop if enable_backprop is None else enable_backprop
-        Js, f = self.backend.last_layer_jacobians(x, enable_backprop=backprop)
-        return Js.to(self._dtype), f.to(self._dtype)
-
-    def _jacobians_and_output(self, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        # the last-layer Jacobians come with the outputs of one forward pass
-        return self._jacobians(x)
+    __init__ = constructor(SUBSET_OF_DATA_LAST_LAYER)
 
     def _own_state(self) -> dict[str, Any]:
         return {**super()._own_state(), "last_layer_name": self.model.last_layer_name}
@@ -139,12 +40,9 @@ class FunctionalLLLaplace(LastLayerRollbackMixin, FunctionalLaplace):
                 "State dict entry 'last_layer_name' must be a str; got "
                 f"{type(name).__name__}."
             )
-        if self.model.last_layer is None:
-            self.model.set_last_layer(name)
-            self._backend = None
-            self._init_params()
-        elif name != self.model.last_layer_name:
-            raise ValueError(
-                f"State dict was fitted on last layer {name!r}, this Laplace uses "
-                f"{self.model.last_layer_name!r}."
-            )
+        super()._prepare_load(state_dict)
+
+    def _check_model_outputs(self, X: Any) -> int:
+        n_outputs = super()._check_model_outputs(X)
+        self._selector.forget_pass()  # the Jacobians come from their own pass
+        return n_outputs

@@ -18,13 +18,12 @@ with Adam.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
-from laplace.base import atomic, eval_mode
+from laplace.approximation import eval_mode
 from laplace.checkpoint import (
     detached_copy,
     history_entry,
@@ -33,16 +32,14 @@ from laplace.checkpoint import (
     tensor_entry,
 )
 from laplace.functional.alpha_energy import (
-    categorical_energy,
     check_alpha_arguments,
-    gaussian_energy,
-    inducing_kl,
 )
-from laplace.functional.base import (
+from laplace.functional.function_space import (
     BaseFunctionalLaplace,
-    _check_seed,
-    _check_zero_prior_mean,
-    _positive_int,
+    check_seed,
+    check_zero_prior_mean,
+    fit_method,
+    positive_int,
 )
 from laplace.functional.inducing import (
     check_inducing_classes,
@@ -57,22 +54,16 @@ from laplace.functional.sparse_gp import (
     unpack_lower,
     variational_covariance,
 )
-from laplace.utils.autograd_mode import autograd_enabled
-from laplace.utils.data import batch_size, dataset_size, to_device
-from laplace.utils.enums import Likelihood
-from laplace.utils.functional_utils import preserve_model_gradients, select_rows
+from laplace.functional.valla_training import AlphaEnergyTraining
+from laplace.signatures import VARIATIONAL, constructor
+from laplace.utils.data import batch_size, dataset_size, select_rows, to_device
 
 __all__ = ["VaLLA"]
 
 _CHUNK = 256
-# Per-example kernel terms of the whole training set are cached (and minibatches
-# drawn from them) when they hold at most this many numbers.
-_CACHE_ELEMENTS = 2**24
-
-Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class VaLLA(BaseFunctionalLaplace):
+class VaLLA(AlphaEnergyTraining, BaseFunctionalLaplace):
     """Variational linearised Laplace: a sparse GP with the NTK.
 
     Parameters
@@ -110,51 +101,31 @@ class VaLLA(BaseFunctionalLaplace):
     """
 
     _key = ("all", "variational")
+    _settings = (
+        "alpha",
+        "mc_softmax_samples",
+        "seed",
+    )
     _state_keys = ("inducing_inputs", "inducing_classes", "L", "fit_history")
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        inducing_locations: torch.Tensor | MutableMapping | str,
-        num_inducing: int | None = None,
-        inducing_classes: torch.Tensor | None = None,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        alpha: float = 1.0,
-        mc_softmax_samples: int = 0,
-    ) -> None:
+    __init__ = constructor(VARIATIONAL)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        alpha, mc_softmax_samples = options["alpha"], options["mc_softmax_samples"]
+        inducing_locations = options["inducing_locations"]
+        num_inducing = options["num_inducing"]
+        inducing_classes = options["inducing_classes"]
         self.alpha = check_alpha_arguments(alpha, mc_softmax_samples)
         self.mc_softmax_samples = mc_softmax_samples
         check_inducing_locations(inducing_locations, num_inducing)
         check_inducing_classes(inducing_classes)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(options["seed"])
         self.inducing_locations = inducing_locations
         self.num_inducing = num_inducing
         self.inducing_classes = inducing_classes
         self.L: torch.Tensor | None = None
         self.fit_history_: dict[str, list] = {"objective": [], "val_nll": []}
-        super().__init__(
-            model,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=backend,
-            backend_kwargs=backend_kwargs,
-        )
+        super()._setup(options)
         if not self._learns_noise and self.alpha != 1 and not mc_softmax_samples:
             raise ValueError(
                 f"Classification with alpha={self.alpha} needs mc_softmax_samples > 0 "
@@ -162,11 +133,11 @@ class VaLLA(BaseFunctionalLaplace):
             )
 
     def _check_prior_mean_shape(self, prior_mean: torch.Tensor) -> None:
-        _check_zero_prior_mean(prior_mean, type(self).__name__)
+        check_zero_prior_mean(prior_mean, type(self).__name__)
 
     @property
     def _learns_noise(self) -> bool:
-        return self.likelihood is Likelihood.REGRESSION
+        return self._likelihood_model.has_noise
 
     @property
     def log_prior_precision(self) -> torch.Tensor:
@@ -179,9 +150,7 @@ class VaLLA(BaseFunctionalLaplace):
         return 2 * self.sigma_noise.log()
 
     # ---- fit ---------------------------------------------------------------------------
-    @atomic
-    @preserve_model_gradients
-    @autograd_enabled
+    @fit_method
     def fit(
         self,
         train_loader: Iterable,
@@ -201,9 +170,9 @@ class VaLLA(BaseFunctionalLaplace):
         the validation NLL is recorded every ``val_steps`` iterations and at the
         end in ``fit_history_['val_nll']``.
         """
-        _positive_int(iterations, "iterations")
+        positive_int(iterations, "iterations")
         if val_steps is not None:
-            _positive_int(val_steps, "val_steps")
+            positive_int(val_steps, "val_steps")
         self._check_first_batch(train_loader)
         n_total = dataset_size(train_loader)
         with eval_mode(self.model):
@@ -256,119 +225,6 @@ class VaLLA(BaseFunctionalLaplace):
         self._J_Z = inducing_jacobians(J, self.inducing_classes)
         self._chol_K0 = stable_cholesky(self._J_Z @ self._J_Z.T)
 
-    def _terms(self, X: Any, y: torch.Tensor) -> Terms:
-        """Network outputs, ``W``, conditional prior covariance and targets of a
-        batch (see :func:`~laplace.functional.sparse_gp.conditional_parts`)."""
-        with torch.no_grad():
-            Js, f = self._jacobians(X, False)
-            W, prior_cov = conditional_parts(Js, self._J_Z, self._chol_K0)
-        return f, W, prior_cov, self._check_targets(y, f.shape[-1])
-
-    def _minibatches(
-        self, loader: Iterable, generator: torch.Generator
-    ) -> Iterator[Terms]:
-        """Endless minibatch terms; from a cache of the whole data set when it is
-        small enough (no Jacobians per step), else from the loader's batches."""
-        k, n_out = len(self._J_Z), self.n_outputs
-        if self.n_data * n_out * (k + n_out) <= _CACHE_ELEMENTS:
-            parts = [self._terms(X, y) for X, y in self._batches(loader)]
-            f, W, prior_cov, y = (
-                torch.cat(chunks, dim=1 if i == 1 else 0)  # W is (k, batch, O)
-                for i, chunks in enumerate(zip(*parts))
-            )
-            size = len(parts[0][0])
-            while True:
-                order = torch.randperm(len(f), generator=generator, device=self._device)
-                for idx in order.split(size):
-                    yield f[idx], W[:, idx], prior_cov[idx], y[idx]
-        while True:
-            empty = True
-            for X, y in self._batches(loader):
-                empty = False
-                yield self._terms(X, y)
-            if empty:
-                raise ValueError("train_loader yielded no batches.")
-
-    def _optimize(
-        self,
-        loader: Iterable,
-        iterations: int,
-        lr: float,
-        val_loader: Iterable | None,
-        val_steps: int | None,
-        progress_bar: bool,
-    ) -> None:
-        packed = self.L.detach().clone().requires_grad_(True)
-        log_delta = self.log_prior_precision.detach().clone().requires_grad_(True)
-        log_var = self.log_noise_variance.detach().clone()
-        variables = [packed, log_delta]
-        if self._learns_noise:
-            variables.append(log_var.requires_grad_(True))
-        optimizer = torch.optim.Adam(variables, lr=lr)
-        generator = torch.Generator(device=self._device).manual_seed(self.seed)
-        steps = range(1, iterations + 1)
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="VaLLA fit")
-        batches = self._minibatches(loader, generator)
-        for step in steps:
-            optimizer.zero_grad()
-            objective = self._objective(
-                next(batches), packed, log_delta, log_var, generator
-            )
-            (-objective).backward()
-            optimizer.step()
-            # laplace-torch's sign: the loss Adam minimises
-            self.fit_history_["objective"].append(-float(objective.detach()))
-            self.L = packed.detach().clone()
-            self.prior_precision = log_delta.detach().exp()
-            if self._learns_noise:
-                self.sigma_noise = (0.5 * log_var.detach()).exp()
-            periodic = val_steps is not None and step % val_steps == 0
-            if val_loader is not None and (periodic or step == iterations):
-                self.fit_history_["val_nll"].append(self._validation_nll(val_loader))
-
-    def objective(
-        self,
-        X: Any,
-        y: torch.Tensor,
-        packed_L: torch.Tensor,
-        log_prior_precision: torch.Tensor,
-        log_noise_variance: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Minibatch estimate of the alpha-energy, ``()``: the data term of the
-        batch ``(X, y)`` scaled by ``n_data / batch / temperature``, minus the KL;
-        differentiable w.r.t. the packed whitened factor ``packed_L`` and the two
-        log hyperparameters; ``fit`` maximises it."""
-        self._check_fitted()
-        terms = self._terms(to_device(X, self._device), y.to(self._device))
-        return self._objective(
-            terms, packed_L, log_prior_precision, log_noise_variance, generator
-        )
-
-    def _objective(
-        self,
-        terms: Terms,
-        packed_L: torch.Tensor,
-        log_delta: torch.Tensor,
-        log_var: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        f, W, prior_cov, y = terms
-        delta = log_delta.exp()
-        L = unpack_lower(packed_L, len(self._J_Z))
-        cov = prior_cov / delta + variational_covariance(W, L)
-        if self._learns_noise:
-            energy = gaussian_energy(y.to(f.dtype), f, cov, log_var.exp(), self.alpha)
-        else:
-            energy = categorical_energy(
-                y, f, cov, self.alpha, self.mc_softmax_samples, generator
-            )
-        scale = self.n_data / len(f) / self.temperature
-        return scale * energy - inducing_kl(L, delta)
-
     # ---- predictive ----------------------------------------------------------------------
     def functional_variance(self, Js: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
@@ -394,13 +250,6 @@ class VaLLA(BaseFunctionalLaplace):
         )
 
     # ---- checkpoints --------------------------------------------------------------------
-    def _configuration(self) -> dict[str, Any]:
-        return {
-            **super()._configuration(),
-            "alpha": self.alpha,
-            "mc_softmax_samples": self.mc_softmax_samples,
-            "seed": self.seed,
-        }
 
     def _own_state(self) -> dict[str, Any]:
         Z, classes = self._inducing_inputs, self.inducing_classes

@@ -1,8 +1,9 @@
-"""Weight-space (parametric) Laplace approximations, one module per structure."""
+"""Weight-space (parametric) Laplace approximations: one ``ParametricLaplace``
+over a parameter selector and a posterior structure, and the public classes
+that fix them."""
 
-from laplace.parametric.base import ParametricLaplace
-from laplace.parametric.diag import DiagLaplace
-from laplace.parametric.full import FullLaplace
-from laplace.parametric.kron import KronLaplace
+from laplace.parametric import classes
+from laplace.parametric.classes import *  # noqa: F403 (the public classes)
+from laplace.parametric.weight_space import ParametricLaplace
 
-__all__ = ["ParametricLaplace", "FullLaplace", "KronLaplace", "DiagLaplace"]
+__all__ = ["ParametricLaplace", *classes.__all__]

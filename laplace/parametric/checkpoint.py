@@ -1,118 +1,46 @@
 """Checkpoints of the weight-space Laplace approximations, in laplace-torch 0.3's
 format: ``state_dict`` has the keys ``mean, H, loss, prior_mean,
 prior_precision, sigma_noise, n_data, n_outputs, likelihood, temperature,
-enable_backprop, cls_name`` (plus ``n_params`` and per-class entries), and
-``load_state_dict`` accepts the state dicts laplace-torch 0.3 saves.
-
-A load validates every entry against this model and structure before it
-assigns anything, and a failing load leaves the object unchanged.
+enable_backprop, cls_name`` (plus ``n_params`` and the selector's entries), and
+``load_state_dict`` accepts the state dicts laplace-torch 0.3 saves. The
+structure saves and validates ``H``, the selector its own entries (the last
+layer's names and first batch, subnetwork indices); the rest is
+:class:`~laplace.checkpoint.CheckpointMixin`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
+from torch import Tensor
 
-from laplace.base import atomic
-from laplace.checkpoint import (
-    bool_entry,
-    check_state_dict,
-    detached_copy,
-    integer_entry,
-    loss_entry,
-    tensor_entry,
-    validated_hyperparameters,
-)
+from laplace.checkpoint import COMMON_KEYS, CheckpointMixin, tensor_entry
 
 __all__ = ["ParametricCheckpointMixin", "REQUIRED_KEYS"]
 
 #: Keys of every laplace-torch 0.3 (and our) parametric state dict.
-REQUIRED_KEYS = (
-    "mean",
-    "H",
-    "loss",
-    "prior_mean",
-    "prior_precision",
-    "sigma_noise",
-    "n_data",
-    "n_outputs",
-    "likelihood",
-    "temperature",
-    "enable_backprop",
-    "cls_name",
-)
+REQUIRED_KEYS = ("mean", "H", *COMMON_KEYS, "likelihood", "cls_name")
 
 
-class ParametricCheckpointMixin:
-    """``state_dict``/``load_state_dict`` of
-    :class:`~laplace.parametric.base.ParametricLaplace`.
+class ParametricCheckpointMixin(CheckpointMixin):
+    """The entries of :class:`~laplace.ParametricLaplace`."""
 
-    Structures implement ``_H_state`` (the saved form of the curvature),
-    ``_validated_H(value)`` (the inverse, checked against the model) and
-    ``_posterior_state(H)``; classes with more entries add them with
-    ``_extra_state``/``_validated_extra_state`` and may prepare the object in
-    ``_prepare_load`` (e.g. set the last layer).
-    """
+    def _required_keys(self) -> list[str]:
+        return list(REQUIRED_KEYS)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to restore the fitted posterior, as copies (editing
-        the dict never changes this object); only tensors, numbers, strings and
-        lists, so it loads with ``torch.load(..., weights_only=True)``."""
-        self._check_fitted()
-        state = {
+    def _own_entries(self, common: dict[str, Any]) -> dict[str, Any]:
+        return {
             "mean": self.mean,
-            "H": self._H_state(),
-            "loss": torch.as_tensor(self.loss),
-            "prior_mean": self.prior_mean,
-            "prior_precision": self.prior_precision,
-            "sigma_noise": self.sigma_noise,
-            "n_data": int(self.n_data),
-            "n_outputs": int(self.n_outputs),
-            "likelihood": self.likelihood.value,
-            "temperature": float(self.temperature),
-            "enable_backprop": bool(self.enable_backprop),
-            "cls_name": type(self).__name__,
-            "n_params": int(self.n_params),
-            **self._extra_state(),
+            "H": self._structure.saved(self._H),
+            **common,
+            **self._selector.extra_state(self._first_batch),
         }
-        return detached_copy(state)
 
-    @atomic
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a posterior saved by :meth:`state_dict` of the same class
-        (here or by laplace-torch 0.3) for the same model and likelihood.
+    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
+        if self._selector.prepare_load(state_dict, self._device):
+            self._use_found_parameters()
 
-        Raises
-        ------
-        TypeError
-            ``state_dict`` is not a dict, or an entry has the wrong type.
-        StateDictKeyError
-            A required key is missing (a ``KeyError`` and a ``ValueError``).
-        ValueError
-            Another class or likelihood, an entry whose shape does not fit this
-            model and structure, NaN/Inf values, or invalid hyperparameters.
-            Nothing is changed then.
-        """
-        check_state_dict(state_dict, type(self).__name__, REQUIRED_KEYS)
-        if state_dict["likelihood"] != self.likelihood.value:
-            raise ValueError(
-                f"State dict has likelihood={state_dict['likelihood']!r}, this "
-                f"{type(self).__name__} has {self.likelihood.value!r}."
-            )
-        self._prepare_load(state_dict)
-        self._commit(self._validated_state(state_dict))
-
-    def _validated_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Attributes to assign, from ``state_dict`` checked against this model."""
-        if "n_params" in state_dict:
-            n_params = integer_entry(state_dict["n_params"], "n_params")
-            if n_params != self.n_params:
-                raise ValueError(
-                    f"State dict holds a posterior over {n_params} parameters, this "
-                    f"model has {self.n_params}: it comes from another model."
-                )
-        like = torch.empty(0, device=self._device, dtype=self._dtype)
+    def _loaded_state(self, state_dict: dict[str, Any], like: Tensor) -> dict:
         mean = tensor_entry(state_dict["mean"], "mean", like=like)
         n_mean = sum(self._layer_sizes)
         if tuple(mean.shape) != (n_mean,):
@@ -120,38 +48,6 @@ class ParametricCheckpointMixin:
                 f"State dict entry 'mean' has shape {tuple(mean.shape)}, this model "
                 f"has {n_mean} parameters: it comes from another model."
             )
-        H = self._validated_H(state_dict["H"])
-        state = {
-            "mean": mean,
-            "loss": loss_entry(state_dict["loss"], like),
-            "n_data": integer_entry(state_dict["n_data"], "n_data", minimum=1),
-            "n_outputs": integer_entry(state_dict["n_outputs"], "n_outputs", 1),
-            "enable_backprop": bool_entry(
-                state_dict["enable_backprop"], "enable_backprop"
-            ),
-            **validated_hyperparameters(self, state_dict),
-            **self._validated_extra_state(state_dict),
-        }
-        # last: the structure may decompose H, the most expensive step
-        return {**state, **self._posterior_state(H)}
-
-    def _H_state(self) -> Any:
-        """The curvature as saved in ``state_dict()['H']``."""
-        return self._H
-
-    def _validated_H(self, value: Any) -> Any:
-        """The summed curvature from ``state_dict['H']``, checked against this
-        model and structure and copied onto its device and dtype."""
-        raise NotImplementedError
-
-    def _extra_state(self) -> dict[str, Any]:
-        """Class-specific entries of :meth:`state_dict`."""
-        return {}
-
-    def _validated_extra_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Attributes from the class-specific entries, validated."""
-        return {}
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> None:
-        """Hook run before the entries are validated (it may assign: a failing
-        load is rolled back)."""
+        H = self._structure.loaded(state_dict["H"], self._layout, like)
+        first_batch = self._selector.loaded_first_batch(state_dict, self._device)
+        return {"mean": mean, "_H": H, "_first_batch": first_batch}

@@ -20,7 +20,7 @@ All results equal the Jacobian route up to rounding.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,56 +32,18 @@ from laplace.parametric.layer_factors import (
     layer_plan,
     output_gradients,
 )
-from laplace.utils.data import batch_size
-from laplace.utils.functional_utils import select_rows
-from laplace.utils.matrix import KronDecomposed
+from laplace.structures.blocks import Block
+from laplace.utils.data import batch_size, select_rows
 
 __all__ = [
-    "Block",
-    "kron_blocks",
-    "diag_blocks",
     "identity_output_variance",
     "block_variance",
     "dense_variance",
     "per_layer_glm",
     "full_last_layer_variance",
+    "readout_variance",
     "row_chunks",
 ]
-
-
-@dataclass
-class Block:
-    """Covariance of one parameter tensor: ``kron(out_basis, in_basis)
-    diag(inv.flatten()) kron(out_basis, in_basis)^T``.
-
-    ``inv`` is ``(out, in)`` for a weight and ``(out,)`` for a bias (then
-    ``in_basis`` is ``None``); a ``None`` basis is the identity.
-    """
-
-    out_basis: Tensor | None
-    in_basis: Tensor | None
-    inv: Tensor
-
-
-def kron_blocks(precision: KronDecomposed) -> list[Block]:
-    """Blocks of the inverse of a :class:`KronDecomposed` posterior precision."""
-    blocks = []
-    for b, Q in enumerate(precision.eigenvectors):
-        inv = precision._block_eigenvalues(b).reciprocal()
-        if len(Q) == 2:
-            blocks.append(Block(Q[0], Q[1], inv.reshape(len(Q[0]), len(Q[1]))))
-        else:
-            blocks.append(Block(Q[0], None, inv))
-    return blocks
-
-
-def diag_blocks(variance: Tensor, params: list[Tensor]) -> list[Block]:
-    """Blocks of a diagonal posterior covariance ``(n_params,)``."""
-    chunks = variance.split([p.numel() for p in params])
-    return [
-        Block(None, None, v.reshape(p.shape[0], -1) if p.ndim >= 2 else v)
-        for v, p in zip(chunks, params)
-    ]
 
 
 # ---- square forms --------------------------------------------------------------------
@@ -258,7 +220,46 @@ def per_layer_glm(
     return f, var if keep_graph else var.detach()
 
 
-# ---- last layer, full covariance ---------------------------------------------------
+# ---- a linear readout of fixed features (last layer) ----------------------------------
+def readout_variance(
+    precision: Any,
+    params: list[Tensor],
+    layer: nn.Linear,
+    phi: Tensor,
+    n_outputs: int,
+    diagonal: bool,
+    budget: int,
+) -> Tensor:
+    """GLM variance of ``f = W phi + b`` (the treated ``params`` of ``layer``)
+    from features ``phi (batch, D)``: ``(batch, O, O)``, or ``(batch, O)`` with
+    ``diagonal``. With covariance blocks per parameter tensor (Kron, diagonal)
+    ``J_n`` is the identity kron ``phi_n``, so each block only needs ``phi``
+    rotated into its input basis; a dense covariance is contracted with ``phi``
+    block by block, rows chunked to bound the ``(rows, O, O, D)`` intermediate."""
+    blocks = precision.layer_blocks(params)
+    if blocks is not None:
+        var = 0
+        for param, block in zip(params, blocks):
+            if param.ndim >= 2:
+                var = var + weight_variance(block, phi.unsqueeze(1), None, diagonal)
+            else:
+                w = block.inv.expand(len(phi), -1)
+                var = var + identity_output_variance(block.out_basis, w, diagonal)
+        return var
+    has_weight = any(p is layer.weight for p in params)
+    has_bias = layer.bias is not None and any(p is layer.bias for p in params)
+    rows = max(1, budget // (n_outputs * n_outputs * phi.shape[1]))
+    cov = precision.covariance()
+    return torch.cat(
+        [
+            full_last_layer_variance(
+                chunk, cov, n_outputs, has_weight, has_bias, diagonal
+            )
+            for chunk in phi.split(rows)
+        ]
+    )
+
+
 def full_last_layer_variance(
     phi: Tensor,
     cov: Tensor,

@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-from laplace.parametric.sampling import outputs_under_weights, sample_chunk_rows
+from laplace.parametric.sampling import (
+    affine_samples,
+    outputs_under_weights,
+    sample_chunk_rows,
+)
 from laplace.utils.data import batch_size
 from laplace.utils.memory import check_memory
 
@@ -19,8 +23,9 @@ Inputs = torch.Tensor | MutableMapping
 
 
 class WeightSamplesMixin:
-    """``sample`` and the network outputs under weight samples; subclasses
-    provide ``_sample_deviations``."""
+    """``sample`` and the network outputs under weight samples, from the
+    posterior's sample root (:meth:`~laplace.structures.Precision.sample_deviations`)
+    and the selector's way to run the network (``sampled_forward``)."""
 
     #: Entries of weight samples (and, last-layer, of their outputs) that the ``nn``
     #: predictive holds at once; more samples are drawn and run in chunks.
@@ -30,18 +35,17 @@ class WeightSamplesMixin:
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Weight samples from the posterior, ``(n_samples, n_params)``, in the
-        model's dtype; ``n_samples=0`` gives ``(0, n_params)``."""
+        model's dtype; ``n_samples=0`` gives ``(0, n_params)``. (A subnetwork's
+        samples are full parameter vectors, the other entries at the MAP.)"""
         self._check_sampling_args(n_samples, generator, minimum=0)
         self._check_fitted()
+        width = len(self.mean)
         if n_samples == 0:
-            return self._to_output(self.mean.new_zeros(0, self.n_params))
+            return self._to_output(self.mean.new_zeros(0, width))
         # the chunks and their concatenation
-        self._check_sample_memory(n_samples, 2 * self.n_params)
+        self._check_sample_memory(n_samples, self.n_params + width)
         chunks = self._weight_sample_chunks(n_samples, generator)
         return self._to_output(torch.cat(list(chunks)))
-
-    def _sample_deviations(self, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def _check_sample_memory(self, n_samples: int, values_per_sample: int) -> None:
         """Refuse ``sample(n_samples)`` up front when ``values_per_sample`` values
@@ -63,13 +67,9 @@ class WeightSamplesMixin:
         generator: torch.Generator | None,
         max_rows: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """The rows of :meth:`sample` in chunks ``(rows, n_params)`` of at most
-        ``sample_chunk_elements`` entries (and ``max_rows`` rows) where the random
-        stream allows it; the numbers do not depend on the chunking."""
-        if type(self).sample is not WeightSamplesMixin.sample:
-            # a subclass draws its own way (e.g. a subnetwork): keep its numbers
-            yield from self.sample(n_samples, generator).split(max_rows or n_samples)
-            return
+        """The rows of :meth:`sample` in chunks ``(rows, n_all)`` of at most
+        ``sample_chunk_elements`` entries (and ``max_rows`` rows); the numbers do
+        not depend on the chunking."""
         self._check_fitted()
         rows = max(1, self.sample_chunk_elements // self.n_params)
         sizes = sample_chunk_rows(n_samples, self.n_params, min(rows, max_rows or rows))
@@ -77,9 +77,11 @@ class WeightSamplesMixin:
             noise = (self._noise(size, generator) for size in sizes)
         else:
             noise = iter(self._noise(n_samples, generator).split(sizes))
+        precision, mean = self._precision(), self._posterior_mean
         for eps in noise:
             # deviations are a fresh tensor: add the mean in place
-            yield self._sample_deviations(eps).add_(self.mean)
+            coords = precision.sample_deviations(eps).add_(mean)
+            yield self._selector.full_vectors(coords, self.mean)
 
     def _draws_noise_in_chunks(self) -> bool:
         # CPU noise drawn chunk by chunk equals one draw (see sample_chunk_rows);
@@ -96,19 +98,7 @@ class WeightSamplesMixin:
             generator=generator,
         )
 
-    def _nn_function_samples(
-        self,
-        x: Inputs,
-        n_samples: int,
-        generator: torch.Generator | None,
-        model_kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """Network outputs under weight samples, ``(n_samples, batch, n_outputs)``."""
-        return torch.cat(
-            list(self._nn_output_chunks(x, n_samples, generator, model_kwargs))
-        )
-
-    def _nn_output_chunks(
+    def _nn_chunks(
         self,
         x: Inputs,
         n_samples: int,
@@ -116,17 +106,35 @@ class WeightSamplesMixin:
         model_kwargs: dict[str, Any],
     ) -> Iterator[torch.Tensor]:
         """Outputs ``(rows, batch, n_outputs)`` for consecutive chunks of weight
-        samples: one forward pass per sample, the samples swapped in for the
-        treated parameters (restored afterwards, also on errors)."""
-
-        def forward() -> torch.Tensor:
-            return self.model(x, **model_kwargs)
-
-        rows = max(1, self.sample_chunk_elements // self.n_params)
-        self._check_nn_memory(x, min(n_samples, rows))
-        for thetas in self._weight_sample_chunks(n_samples, generator):
+        samples: the network (or the part of it the selector names) runs once per
+        sample with the samples in place of the treated parameters (restored
+        afterwards, also on errors); a linear map of fixed features takes all
+        samples of a chunk in one product."""
+        forward = self._selector.sampled_forward(x, model_kwargs, self.enable_backprop)
+        phi = forward.features
+        n_rows = batch_size(x, self.dict_key_x)
+        per_sample = self.n_params if phi is None else 4 * n_rows * self.n_outputs
+        self._check_nn_memory(
+            x, min(n_samples, max(1, self.sample_chunk_elements // per_sample))
+        )
+        rows = None
+        if phi is not None:
+            # also bound the chunk's outputs (rows, batch, n_outputs), of which a
+            # few copies (product, softmax) live at once
+            layer = forward.module
+            per_row = 4 * (phi.numel() // phi.shape[-1]) * layer.out_features
+            rows = max(1, self.sample_chunk_elements // per_row)
+        for thetas in self._weight_sample_chunks(n_samples, generator, rows):
             values = self._unflatten_rows(thetas)
-            yield outputs_under_weights(self.model, self.params, values, forward)
+            if phi is None:
+                yield outputs_under_weights(
+                    forward.module, self.params, values, forward.run
+                )
+                continue
+            layer = forward.module
+            sampled = {id(p): v for p, v in zip(self.params, values)}
+            weight = sampled.get(id(layer.weight), layer.weight)
+            yield affine_samples(phi, weight, sampled.get(id(layer.bias), layer.bias))
 
     def _check_nn_memory(self, x: Inputs, rows: int) -> None:
         """Refuse the ``nn`` predictive up front when the outputs of ``rows``
@@ -142,12 +150,8 @@ class WeightSamplesMixin:
             "la.sample_chunk_elements (the weight samples run at once).",
         )
 
-    def _unflatten(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """One flat sample ``(n_params,)`` as tensors shaped like the parameters."""
-        return [t[0] for t in self._unflatten_rows(theta.unsqueeze(0))]
-
     def _unflatten_rows(self, thetas: torch.Tensor) -> list[torch.Tensor]:
-        """Samples ``(n, n_params)`` as ``(n, *p.shape)`` per parameter ``p``, in
+        """Samples ``(n, n_all)`` as ``(n, *p.shape)`` per parameter ``p``, in
         the parameter's dtype (views where the dtype agrees)."""
         chunks = torch.split(thetas, self._layer_sizes, dim=-1)
         return [

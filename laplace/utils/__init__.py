@@ -1,50 +1,13 @@
 """Utilities of the laplace-torch ``laplace.utils`` namespace."""
 
-from laplace.utils.data import batch_size, split_batch, to_device
-from laplace.utils.enums import (
-    FeatureReduction,
-    FunctionalApproximation,
-    HessianStructure,
-    Likelihood,
-    LinkApprox,
-    PredType,
-    PriorStructure,
-    SubsetOfWeights,
-    TuningMethod,
-)
+from laplace.utils import enums, functional_utils, linalg, subnetmask
+from laplace.utils.enums import *  # noqa: F403 (the choices of the API)
 from laplace.utils.errors import UnknownKeyError
 from laplace.utils.feature_extractor import FeatureExtractor
-from laplace.utils.functional_utils import (
-    classification_targets,
-    concatenate_rows,
-    draw_gaussian,
-    preserve_model_gradients,
-    regression_targets,
-    same_configuration,
-    select_rows,
-    subset_loader,
-    training_indices,
-)
-from laplace.utils.linalg import (
-    block_diag,
-    diagonal_add_scalar,
-    invsqrt_precision,
-    kron,
-    symeig,
-)
+from laplace.utils.functional_utils import *  # noqa: F403 (laplace-torch's helpers)
+from laplace.utils.linalg import *  # noqa: F403 (dense linear algebra)
 from laplace.utils.matrix import Kron, KronDecomposed
-from laplace.utils.subnetmask import (
-    LargestMagnitudeSubnetMask,
-    LargestVarianceDiagLaplaceSubnetMask,
-    LargestVarianceSWAGSubnetMask,
-    LastLayerSubnetMask,
-    ModuleNameSubnetMask,
-    ParamNameSubnetMask,
-    RandomSubnetMask,
-    ScoreBasedSubnetMask,
-    SubnetMask,
-)
-from laplace.utils.subsets import SoDSampler
+from laplace.utils.subnetmask import *  # noqa: F403 (the subnetwork masks)
 from laplace.utils.swag import fit_diagonal_swag_var
 from laplace.utils.utils import (
     _is_batchnorm,
@@ -55,65 +18,32 @@ from laplace.utils.utils import (
     normal_samples,
     parameters_per_layer,
 )
-from laplace.utils.validation import validate
+from laplace.utils.validation_score import validate
+
+# The running metrics subclass torchmetrics classes, and importing torchmetrics
+# takes seconds (it imports its text metrics' transformers); load it on first use.
+_LAZY_METRICS = ("RunningNLLMetric", "RunningMSEMetric")
 
 __all__ = [
+    *functional_utils.__all__,
+    *subnetmask.__all__,
+    *linalg.__all__,
+    *enums.__all__,
     "UnknownKeyError",
-    "preserve_model_gradients",
-    "same_configuration",
-    "draw_gaussian",
-    "regression_targets",
-    "classification_targets",
-    "training_indices",
-    "subset_loader",
-    "concatenate_rows",
-    "select_rows",
-    "SoDSampler",
-    "SubnetMask",
-    "ScoreBasedSubnetMask",
-    "RandomSubnetMask",
-    "LargestMagnitudeSubnetMask",
-    "LargestVarianceDiagLaplaceSubnetMask",
-    "LargestVarianceSWAGSubnetMask",
-    "ParamNameSubnetMask",
-    "ModuleNameSubnetMask",
-    "LastLayerSubnetMask",
     "fit_diagonal_swag_var",
     "FeatureExtractor",
-    "FeatureReduction",
     "Kron",
     "KronDecomposed",
-    "RunningNLLMetric",
-    "RunningMSEMetric",
+    *_LAZY_METRICS,
     "validate",
     "get_nll",
     "parameters_per_layer",
     "expand_prior_precision",
     "fix_prior_prec_structure",
     "normal_samples",
-    "invsqrt_precision",
-    "kron",
-    "diagonal_add_scalar",
-    "symeig",
-    "block_diag",
-    "split_batch",
-    "batch_size",
-    "to_device",
     "_is_batchnorm",
     "_is_valid_scalar",
-    "SubsetOfWeights",
-    "HessianStructure",
-    "FunctionalApproximation",
-    "Likelihood",
-    "PredType",
-    "LinkApprox",
-    "TuningMethod",
-    "PriorStructure",
 ]
-
-# The running metrics subclass torchmetrics classes, and importing torchmetrics
-# takes seconds (it imports its text metrics' transformers); load it on first use.
-_LAZY_METRICS = ("RunningNLLMetric", "RunningMSEMetric")
 
 
 def __getattr__(name: str):

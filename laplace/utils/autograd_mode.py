@@ -1,4 +1,5 @@
-"""Autograd on for ``fit``, whatever mode the caller is in.
+"""Autograd on for ``fit``, whatever mode the caller is in, and the model's
+gradient state (``.grad``, ``requires_grad``) as it was afterwards.
 
 Curvature needs gradients, so a ``fit`` called under ``torch.no_grad()`` or
 ``torch.inference_mode()`` (common in evaluation code) turns them back on for its
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["autograd_enabled", "ordinary_tensors"]
+__all__ = ["autograd_enabled", "ordinary_tensors", "preserve_model_gradients"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,3 +74,25 @@ def _has_inference(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(_has_inference(v) for v in value)
     return False
+
+
+def preserve_model_gradients(fit: F) -> F:
+    """Decorate a method of an object with a ``model`` so that the ``.grad``
+    (``None`` included) and ``requires_grad`` of every model parameter are as
+    before the call, on return and on raise, whatever autograd work the method
+    does (a user may call it between ``backward`` and ``optimizer.step``)."""
+
+    @functools.wraps(fit)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = list(self.model.parameters())
+        # clones: backward() accumulates into an existing .grad in place
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        flags = [p.requires_grad for p in params]
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            for p, grad, flag in zip(params, grads, flags):
+                p.requires_grad_(flag)
+                p.grad = grad
+
+    return wrapper  # type: ignore[return-value]

@@ -1,8 +1,9 @@
-"""Batches and data loaders: splitting, sizing and moving to a device."""
+"""Batches and data loaders: splitting, sizing, moving to a device, selecting
+and concatenating rows."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -135,3 +136,63 @@ def _sliceable_tensors(loader: Iterable) -> tuple[torch.Tensor, ...] | None:
         and not loader.pin_memory
     )
     return loader.dataset.tensors if plain else None
+
+
+def concatenate_rows(chunks: Iterable[Any]) -> Any:
+    """Concatenate batches along the rows: tensors with ``torch.cat``, mappings
+    and sequences entry by entry (recursively). Inside mappings and sequences,
+    an entry that is the very same object in every chunk (metadata
+    :func:`select_rows` left untouched), a 0-d tensor or a non-tensor is taken
+    once from the first chunk."""
+    chunks = list(chunks)
+    if not chunks:
+        raise ValueError("concatenate_rows needs at least one batch.")
+    return _concatenate(chunks, top=True)
+
+
+def _concatenate(chunks: list[Any], top: bool = False) -> Any:
+    first = chunks[0]
+    if not top and all(c is first for c in chunks):
+        return first
+    if isinstance(first, torch.Tensor):
+        return first if first.ndim == 0 else torch.cat(chunks, dim=0)
+    if isinstance(first, Mapping):
+        return type(first)({k: _concatenate([c[k] for c in chunks]) for k in first})
+    if isinstance(first, list | tuple) and _holds_tensor(first):
+        parts = [_concatenate([c[i] for c in chunks]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if top:
+        raise ValueError(f"Cannot concatenate batches of type {type(first).__name__}.")
+    return first
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v) for v in value)
+    return False
+
+
+def select_rows(
+    inputs: Any, indices: torch.Tensor | slice | Sequence[int], batch_size: int
+) -> Any:
+    """Rows ``indices`` (a slice or 1-d indices) of every tensor in ``inputs``
+    whose leading size is ``batch_size``, recursively through mappings and
+    sequences; everything else (non-batched metadata) is left untouched."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim and len(inputs) == batch_size:
+            return inputs[indices]
+        return inputs
+    if isinstance(inputs, Mapping):
+        return type(inputs)(
+            {k: select_rows(v, indices, batch_size) for k, v in inputs.items()}
+        )
+    if isinstance(inputs, list | tuple) and _holds_tensor(inputs):
+        parts = [select_rows(v, indices, batch_size) for v in inputs]
+        return (
+            type(inputs)(*parts) if hasattr(inputs, "_fields") else type(inputs)(parts)
+        )
+    return inputs

@@ -11,6 +11,18 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
+__all__ = [
+    "SubsetOfWeights",
+    "HessianStructure",
+    "FunctionalApproximation",
+    "Likelihood",
+    "PredType",
+    "LinkApprox",
+    "TuningMethod",
+    "PriorStructure",
+    "FeatureReduction",
+]
+
 E = TypeVar("E", bound="_ChoiceEnum")
 
 

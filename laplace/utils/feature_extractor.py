@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from laplace.utils.enums import FeatureReduction
 from laplace.utils.errors import UnknownKeyError
 
-__all__ = ["FeatureExtractor", "FeatureReduction", "LastLayerRollbackMixin"]
+__all__ = ["FeatureExtractor", "FeatureReduction"]
 
 
 class FeatureExtractor(nn.Module):
@@ -179,21 +178,3 @@ class FeatureExtractor(nn.Module):
         if not self.enable_backprop:
             features = features.detach()
         return out, self._reduce(features)
-
-
-class LastLayerRollbackMixin:
-    """For Laplace classes whose ``model`` is a :class:`FeatureExtractor`: a
-    transaction (``_transaction``, see :class:`~laplace.BaseLaplace`) that fails
-    also forgets a last layer found inside it, so a failed ``fit`` or
-    ``load_state_dict`` leaves the last layer unknown as it was."""
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        unknown = self.model.last_layer is None
-        try:
-            with super()._transaction():
-                yield
-        except BaseException:
-            if unknown:
-                self.model.forget_last_layer()
-            raise

@@ -111,7 +111,7 @@ class KronDecomposed(_BlockKronecker):
         vals = [[l.to(*args, **kwargs) for l in block] for block in self.eigenvalues]
         return KronDecomposed(vecs, vals, self.deltas.to(*args, **kwargs), self.damping)
 
-    def _block_eigenvalues(self, b: int) -> Tensor:
+    def block_eigenvalues(self, b: int) -> Tensor:
         """Effective eigenvalues of block ``b``, flattened to `(p,)`."""
         ls, delta = self.eigenvalues[b], self.deltas[b]
         if len(ls) == 1:
@@ -126,12 +126,12 @@ class KronDecomposed(_BlockKronecker):
         """Yield ``(rows, Q, eigenvalues)`` per block for rows of ``W``."""
         rows = _as_rows(W, self.n_params, fn)
         for b, X in enumerate(rows.split(_sizes(self.eigenvalues), dim=-1)):
-            yield X, self.eigenvectors[b], self._block_eigenvalues(b)
+            yield X, self.eigenvectors[b], self.block_eigenvalues(b)
 
     def logdet(self) -> Tensor:
         """Log-determinant, `()`, differentiable in deltas and scale."""
         return torch.stack(
-            [self._block_eigenvalues(b).log().sum() for b in range(len(self))]
+            [self.block_eigenvalues(b).log().sum() for b in range(len(self))]
         ).sum()
 
     def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
@@ -177,7 +177,7 @@ class KronDecomposed(_BlockKronecker):
         """Diagonal of ``M^exponent``, `(P,)`."""
         out = []
         for b, Q in enumerate(self.eigenvectors):
-            lam = self._block_eigenvalues(b).pow(exponent)
+            lam = self.block_eigenvalues(b).pow(exponent)
             if len(Q) == 1:
                 out.append(Q[0].square() @ lam)
             else:
@@ -194,5 +194,5 @@ class KronDecomposed(_BlockKronecker):
             # contiguous: torch.kron fails on some mixes of strides (eigh returns
             # column-major eigenvectors, identities of 1-d factors are row-major)
             Q = torch.kron(*(q.contiguous() for q in Q)) if len(Q) == 2 else Q[0]
-            blocks.append((Q * self._block_eigenvalues(b).pow(exponent)) @ Q.mT)
+            blocks.append((Q * self.block_eigenvalues(b).pow(exponent)) @ Q.mT)
         return block_diag(blocks)

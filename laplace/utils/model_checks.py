@@ -45,13 +45,9 @@ def check_model_output(out: Any, likelihood: Likelihood) -> Tensor:
             "the model (e.g. out[:, -1] of a (batch, seq, n_outputs) output), or use "
             "subset_of_weights='last_layer' with feature_reduction."
         )
-    if likelihood is Likelihood.CLASSIFICATION and out.shape[-1] < 2:
-        raise ValueError(
-            f"likelihood='classification' needs one logit per class (at least 2 "
-            f"outputs); the model has {out.shape[-1]}, for which every predicted "
-            "probability would be 1. For a binary classifier with one logit z, "
-            "return torch.cat([torch.zeros_like(z), z], dim=-1)."
-        )
+    from laplace.likelihoods import likelihood_model  # laplace.utils loads first
+
+    likelihood_model(likelihood).check_outputs(out)
     return out
 
 
@@ -87,7 +83,9 @@ def check_last_layer_output(
             "depend on its parameters. Pass the last_layer_name of a layer that "
             "runs once, or use subset_of_weights='all'."
         )
-    pairs = likelihood is Likelihood.REWARD_MODELING and features.ndim == 3
+    from laplace.likelihoods import likelihood_model
+
+    pairs = likelihood_model(likelihood).is_pair_batch(features)
     if features.ndim != 2 and not pairs:
         raise ValueError(
             f"The features entering the last layer {layer_name!r} have shape "

@@ -59,12 +59,8 @@ def plot_reliability_diagram(
 
     Parameters
     ----------
-    probs : Tensor
-        Class probabilities, shape ``(N, n_classes)``.
-    targets : Tensor
-        Integer class indices, shape ``(N,)``.
-    n_bins : int, default=15
-        Number of equal-width confidence bins.
+    probs, targets, n_bins
+        As in :func:`~laplace.utils.metrics.expected_calibration_error`.
     ax : matplotlib.axes.Axes, optional
         Axes to draw on; a new figure is created if omitted.
     label : str, optional

@@ -196,7 +196,7 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
         self, model: nn.Module, n_params_subnet: int, diag_laplace_model: Any
     ) -> None:
         super().__init__(model, n_params_subnet)
-        from laplace.parametric.diag import DiagLaplace
+        from laplace.parametric import DiagLaplace
 
         if not isinstance(diag_laplace_model, DiagLaplace):
             raise ValueError(
@@ -221,13 +221,6 @@ class LargestVarianceDiagLaplaceSubnetMask(ScoreBasedSubnetMask):
         return self.diag_laplace_model.posterior_variance
 
 
-def _mse(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # targets (batch,) for a single output would broadcast to (batch, batch)
-    return nn.functional.mse_loss(
-        f, y.reshape(f.shape) if y.numel() == f.numel() else y
-    )
-
-
 class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
     """The parameters of largest diagonal SWAG variance (see
     :func:`~laplace.utils.swag.fit_diagonal_swag_var`; the model is unchanged)."""
@@ -242,8 +235,10 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
         swag_lr: float = 0.01,
     ) -> None:
         super().__init__(model, n_params_subnet)
+        from laplace.likelihoods import likelihood_model  # laplace.utils loads first
+
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
-        if self.likelihood is Likelihood.REWARD_MODELING:
+        if likelihood_model(self.likelihood).pairs:
             raise ValueError(
                 "LargestVarianceSWAGSubnetMask supports likelihood 'classification' "
                 "or 'regression'; got 'reward_modeling'."
@@ -257,14 +252,14 @@ class LargestVarianceSWAGSubnetMask(ScoreBasedSubnetMask):
             raise ValueError(
                 "LargestVarianceSWAGSubnetMask.select needs a train_loader."
             )
-        if self.likelihood is Likelihood.CLASSIFICATION:
-            criterion = nn.CrossEntropyLoss()
-        else:
-            criterion = _mse
+        from laplace.likelihoods import likelihood_model
+
+        lik = likelihood_model(self.likelihood)
+        criterion = lik.loss_function(reduction="mean")
         return fit_diagonal_swag_var(
             self.model,
             train_loader,
-            criterion,
+            lambda f, y: criterion(f, lik.prepare_targets(y)),
             n_snapshots_total=self.swag_n_snapshots,
             snapshot_freq=self.swag_snapshot_freq,
             lr=self.swag_lr,
@@ -372,7 +367,7 @@ class LastLayerSubnetMask(ModuleNameSubnetMask):
         return super().get_subnet_mask(train_loader)
 
     def _find_last_layer(self, train_loader: Iterable | None) -> str:
-        from laplace.base import eval_mode
+        from laplace.approximation import eval_mode
 
         if train_loader is None:
             raise ValueError(

@@ -1,16 +1,32 @@
-"""Random subsets of the training data: uniform and class-balanced index draws,
-and a sampler over a fixed subset (subset-of-data GP inference, Nystrom
-features, inducing points)."""
+"""Subsets of the training data: uniform and class-balanced index draws, a
+sampler over a fixed subset (subset-of-data GP inference, Nystrom features,
+inducing points), the indices a loader can yield and a loader over a subset."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 
-__all__ = ["SoDSampler", "balanced_indices", "random_subset_indices", "sod_indices"]
+__all__ = [
+    "SoDSampler",
+    "balanced_indices",
+    "random_subset_indices",
+    "sod_indices",
+    "subset_loader",
+    "training_indices",
+]
 
 
 def _check_sizes(n_data: int, n_subset: int) -> None:
@@ -88,3 +104,85 @@ class SoDSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def training_indices(loader: DataLoader) -> torch.Tensor:
+    """The indices of ``loader.dataset`` that ``loader`` can yield (through its
+    sampler and batch sampler), sorted, ``(n,)`` int64. A random sampler's
+    generator and the global RNG are left as they were."""
+    dataset = getattr(loader, "dataset", None)
+    sampler = getattr(loader, "sampler", None)
+    if dataset is None or sampler is None:
+        raise ValueError(
+            f"training_indices needs a DataLoader with a dataset; got "
+            f"{type(loader).__name__}."
+        )
+    batches = getattr(loader, "batch_sampler", None)
+    if batches is not None and type(batches) is not BatchSampler:
+        return _sorted_indices(_replay(batches))  # a custom batch sampler
+    n = len(dataset)
+    if isinstance(sampler, SequentialSampler):
+        if batches is not None and batches.drop_last:
+            n -= n % batches.batch_size  # the last, incomplete batch never comes
+        return torch.arange(n)
+    if isinstance(sampler, RandomSampler):
+        return torch.arange(n)  # every index can be drawn
+    if isinstance(sampler, SubsetRandomSampler):
+        return _sorted_indices(list(sampler.indices))
+    return _sorted_indices(_replay(sampler))
+
+
+def _sorted_indices(indices: list[Any]) -> torch.Tensor:
+    values = [
+        int(i) if isinstance(i, torch.Tensor) and i.numel() == 1 else i for i in indices
+    ]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in values):
+        raise ValueError(
+            "training_indices needs a map-style dataset whose sampler yields "
+            "integer indices."
+        )
+    return torch.tensor(sorted(set(values)), dtype=torch.long)
+
+
+def _replay(source: Iterable) -> list[Any]:
+    """Every index ``source`` (a sampler or batch sampler) yields, with the global
+    RNG and any generator it holds restored afterwards."""
+    generators = [g for g in _generators(source) if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            seen = []
+            for item in source:
+                seen.extend(item if isinstance(item, list | tuple) else [item])
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+    return seen
+
+
+def _generators(source: Any) -> list[Any]:
+    found = [getattr(source, "generator", None)]
+    inner = getattr(source, "sampler", None)  # a batch sampler's sampler
+    if inner is not None:
+        found.append(getattr(inner, "generator", None))
+    return found
+
+
+def subset_loader(
+    loader: DataLoader, indices: torch.Tensor | Sequence[int]
+) -> DataLoader:
+    """A sequential loader over the rows ``indices`` of ``loader.dataset``, in
+    that order, with the batch size and collate function of ``loader``."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError(
+            f"A subset of the data needs a DataLoader with a dataset; got "
+            f"{type(loader).__name__}."
+        )
+    indices = [int(i) for i in indices]
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=getattr(loader, "batch_size", None) or 1,
+        shuffle=False,
+        collate_fn=getattr(loader, "collate_fn", None),
+    )

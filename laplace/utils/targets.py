@@ -1,84 +1,58 @@
-"""The one check of training and validation targets against the likelihood and
-the model's number of outputs (used by ``fit``, the function-space classes and
-the grid search of ``optimize_prior_precision``)."""
+"""laplace-torch's target helpers: regression targets shaped like the model
+outputs (never broadcast) and class indices from indices or one-hot rows. (The
+checks of training targets against a likelihood are
+:meth:`laplace.likelihoods.LikelihoodModel.check_targets`.)"""
 
 from __future__ import annotations
 
 import torch
 
-from laplace.utils.enums import Likelihood
-
-__all__ = ["check_class_labels", "check_regression_targets", "check_targets"]
+__all__ = ["regression_targets", "classification_targets"]
 
 
-def check_class_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Check class-index targets ``(batch,)`` with values in ``[0, n_classes)``."""
-    if not isinstance(y, torch.Tensor):
+def regression_targets(targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """``targets`` shaped like ``outputs`` without broadcasting: equal shapes, or
+    ``[B]`` targets for ``[B, 1]`` outputs (one output); else ``ValueError``."""
+    if targets.shape == outputs.shape:
+        return targets
+    if outputs.ndim >= 1 and outputs.shape[-1] == 1:
+        if targets.shape == outputs.shape[:-1]:
+            return targets.unsqueeze(-1)
+    raise ValueError(
+        f"Regression targets of shape {tuple(targets.shape)} do not match the "
+        f"model outputs of shape {tuple(outputs.shape)} (only [B] targets for "
+        "[B, 1] outputs are reshaped; nothing is broadcast)."
+    )
+
+
+def classification_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices ``[B]`` (int64) from ``[B]`` or ``[B, 1]`` indices or
+    one-hot ``[B, C]`` rows; ``ValueError`` for anything else."""
+    if not isinstance(targets, torch.Tensor):
         raise ValueError(
-            "Classification targets must be a 1-d integer tensor of class indices; "
-            f"got {type(y).__name__}."
+            f"Classification targets must be a tensor; got {type(targets).__name__}."
         )
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim != 1:
+    if targets.ndim == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if targets.ndim == 2:
+        one_hot = ((targets == 0) | (targets == 1)).all() and bool(
+            (targets.sum(-1) == 1).all()
+        )
+        if not one_hot:
+            raise ValueError(
+                f"Classification targets of shape {tuple(targets.shape)} must be "
+                "one-hot rows (a single 1 per row, zeros elsewhere)."
+            )
+        return targets.argmax(-1)
+    if targets.ndim != 1 or targets.is_complex():
         raise ValueError(
-            "Classification targets must be a 1-d integer tensor of class indices; "
-            f"got dtype {y.dtype} and shape {tuple(y.shape)}."
+            "Classification targets must be [B] or [B, 1] class indices or one-hot "
+            f"[B, C]; got shape {tuple(targets.shape)} and dtype {targets.dtype}."
         )
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        raise ValueError("Classification targets must be whole numbers (classes).")
+    if len(targets) and bool((targets < 0).any()):
         raise ValueError(
-            f"Classification targets must lie in [0, {n_classes}); got values in "
-            f"[{int(y.min())}, {int(y.max())}]."
+            f"Classification targets must be non-negative; got {int(targets.min())}."
         )
-    return y
-
-
-def check_regression_targets(y: torch.Tensor, n_outputs: int) -> torch.Tensor:
-    """Regression targets as ``(batch, n_outputs)``; ``(batch,)`` means one output
-    and becomes ``(batch, 1)``. Never broadcast."""
-    if not isinstance(y, torch.Tensor):
-        raise ValueError(
-            f"Regression targets must be a float tensor of shape (batch, {n_outputs});"
-            f" got {type(y).__name__}."
-        )
-    if y.ndim == 1 and n_outputs == 1:
-        y = y.unsqueeze(-1)
-    if y.ndim != 2 or y.shape[-1] != n_outputs or not y.is_floating_point():
-        raise ValueError(
-            f"Regression targets must be a float tensor of shape (batch, {n_outputs}) "
-            f"to match the model output; got dtype {y.dtype} and shape "
-            f"{tuple(y.shape)}."
-        )
-    return y
-
-
-def check_targets(
-    y: torch.Tensor, likelihood: Likelihood | str, n_outputs: int
-) -> torch.Tensor:
-    """Check a batch of targets and return them in the shape the curvature and
-    the metrics expect.
-
-    Parameters
-    ----------
-    y : Tensor
-        Classification: class indices ``(batch,)``. Regression: ``(batch,
-        n_outputs)`` (or ``(batch,)`` for one output). Reward modelling: the
-        index ``(batch,)`` of the preferred item of each pair, 0 or 1.
-    likelihood : Likelihood or str
-    n_outputs : int
-        Number of model outputs (classes for classification).
-
-    Returns
-    -------
-    Tensor
-        ``y``, regression targets as ``(batch, n_outputs)``.
-
-    Raises
-    ------
-    ValueError
-        Wrong dtype, shape or class index.
-    """
-    likelihood = Likelihood.parse(likelihood, "likelihood")
-    if likelihood is Likelihood.REGRESSION:
-        return check_regression_targets(y, n_outputs)
-    if likelihood is Likelihood.REWARD_MODELING:
-        return check_class_labels(y, 2)  # which item of the pair is preferred
-    return check_class_labels(y, n_outputs)
+    return targets.long()

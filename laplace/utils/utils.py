@@ -19,7 +19,7 @@ from laplace.utils.linalg import (
     symeig,
 )
 from laplace.utils.subsets import SoDSampler
-from laplace.utils.validation import validate
+from laplace.utils.validation_score import validate
 
 __all__ = [
     "get_nll",

@@ -1,4 +1,6 @@
-"""Scoring a fitted Laplace approximation on held-out data (used by gridsearch)."""
+"""The validation score of a Laplace approximation: its predictions on held-out
+data scored by a loss or a running metric (``validate``, used by the grid
+search of ``optimize_prior_precision``)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,7 @@ from typing import Any
 
 import torch
 
-from laplace.utils.data import split_batch, to_device
-from laplace.utils.enums import Likelihood
+from laplace.utils.data import split_batch
 
 
 def _is_running_metric(loss: Any) -> bool:
@@ -44,11 +45,11 @@ def validate(
     means, variances, targets = [], [], []
     # reward models are scored as classifiers of their preference pairs (the
     # probabilities of fitting=True), as laplace-torch does
-    rewards = getattr(laplace, "likelihood", None) is Likelihood.REWARD_MODELING
-    pair_kwargs = {"fitting": True} if rewards else {}
+    from laplace.likelihoods import likelihood_model  # laplace.utils loads first
+
+    pair_kwargs = likelihood_model(laplace.likelihood).scoring_kwargs()
     for batch in val_loader:
         X, y = split_batch(batch, dict_key_y)
-        X, y = to_device(X, laplace._device), y.to(laplace._device)
         out = laplace(
             X,
             pred_type=pred_type,
@@ -57,6 +58,7 @@ def validate(
             **pair_kwargs,
         )
         mean, var = out if isinstance(out, tuple) else (out, None)
+        y = y.to(mean.device)  # the predictions are on the model's device
         if running:
             target = y.reshape(mean.shape) if var is not None else y
             device = getattr(loss, "device", None)

@@ -1,10 +1,12 @@
-"""``BaseLaplace``: hyperparameters, likelihood and data handling shared by all
-Laplace approximations."""
+"""``BaseLaplace``: what every Laplace approximation shares -- the model,
+likelihood and hyperparameters, transactions, the lazily built curvature
+backend, data handling, the marginal likelihood and the tuning of the prior
+precision. Weight-space classes are in :mod:`laplace.parametric`, function-space
+ones in :mod:`laplace.functional`."""
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -12,33 +14,29 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from laplace.hyperparameters import HyperparametersMixin
+from laplace.hyperparameters import HYPERPARAMETERS, HyperparametersMixin
+from laplace.likelihoods import LikelihoodModel, likelihood_model
+from laplace.signatures import BASE, constructor
+from laplace.tuning import PriorTuningMixin
 from laplace.utils.autograd_mode import ordinary_tensors
 from laplace.utils.data import dataset_size, iterate_batches, split_batch, to_device
 from laplace.utils.enums import Likelihood, PredType
-from laplace.utils.targets import check_targets
+from laplace.utils.eval_mode import eval_mode
 from laplace.utils.utils import expand_to_parameters, trainable_parameters
 
-__all__ = ["BaseLaplace", "NotFittedError", "atomic"]
+__all__ = [
+    "BaseLaplace",
+    "MarginalLikelihoodMixin",
+    "NotFittedError",
+    "atomic",
+    "eval_mode",
+]
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 class NotFittedError(ValueError, RuntimeError):
     """Raised when a method needs :meth:`fit` to have run first."""
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and restore every module's mode afterwards, so the
-    user's model leaves our hands exactly as it came in."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def atomic(method: _Method) -> _Method:
@@ -53,7 +51,7 @@ def atomic(method: _Method) -> _Method:
     return wrapper  # type: ignore[return-value]
 
 
-class BaseLaplace(HyperparametersMixin):
+class BaseLaplace(PriorTuningMixin, HyperparametersMixin):
     """Shared state of every Laplace approximation: the model, the likelihood and
     its hyperparameters (prior precision and mean, observation noise, temperature),
     the lazily built curvature backend and data handling.
@@ -81,21 +79,14 @@ class BaseLaplace(HyperparametersMixin):
         Extra keyword arguments for ASDL's Fisher computation.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: Likelihood | str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type | None = None,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    __init__ = constructor(BASE)
+
+    def _setup(self, options: dict[str, Any]) -> None:
+        """Set up from the bound constructor ``options`` (every keyword of
+        :data:`laplace.signatures.KEYWORDS`, defaults filled in); subclasses
+        extend it, reading the keywords they own."""
+        model, likelihood = options["model"], options["likelihood"]
+        backend_kwargs = options["backend_kwargs"]
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model)}.")
         self.likelihood = Likelihood.parse(likelihood, "likelihood")
@@ -106,21 +97,19 @@ class BaseLaplace(HyperparametersMixin):
         # laplace-torch's flag: only the parameters with requires_grad=True are
         # treated (some of the model's are frozen)
         self.is_subset_params = any(not p.requires_grad for p in model.parameters())
-        self.enable_backprop = bool(enable_backprop)
-        self.dict_key_x = dict_key_x
-        self.dict_key_y = dict_key_y
-        self._backend_cls = backend
+        self.enable_backprop = bool(options["enable_backprop"])
+        self.dict_key_x = options["dict_key_x"]
+        self.dict_key_y = options["dict_key_y"]
+        self._backend_cls = options["backend"]
         self.backend_kwargs = dict(backend_kwargs or {})
-        self.asdl_fisher_kwargs = asdl_fisher_kwargs
+        self.asdl_fisher_kwargs = options["asdl_fisher_kwargs"]
         self._backend = None
         self.loss: torch.Tensor | float = 0.0
         self.n_outputs: int | None = None
         self.n_data = 0
         self._set_device_dtype()
-        self.temperature = temperature
-        self.sigma_noise = sigma_noise
-        self.prior_precision = prior_precision
-        self.prior_mean = prior_mean
+        for name in HYPERPARAMETERS:
+            setattr(self, name, options[name])
 
     # ---- transactions ---------------------------------------------------------------
     @contextmanager
@@ -142,10 +131,10 @@ class BaseLaplace(HyperparametersMixin):
 
     def _commit(self, state: dict[str, Any]) -> None:
         """Assign a new, complete state built on the side (by ``fit`` or
-        ``load_state_dict``), then drop caches derived from the old one."""
+        ``load_state_dict``); cached values follow their inputs (see
+        :mod:`laplace.utils.memo`)."""
         for name, value in state.items():
             setattr(self, name, value)
-        self._hyperparameters_changed()
 
     # ---- model, device and backend -------------------------------------------
     def _set_device_dtype(self) -> None:
@@ -168,15 +157,25 @@ class BaseLaplace(HyperparametersMixin):
     def backend(self):
         """The curvature backend instance, built on first use."""
         if self._backend is None:
-            cls = self._backend_cls or self._default_backend()
-            self._backend = cls(
-                self.model,
-                self.likelihood,
-                dict_key_x=self.dict_key_x,
-                dict_key_y=self.dict_key_y,
-                **self._backend_init_kwargs(),
+            self._backend = self._make_backend(
+                self.model, self.likelihood, self._backend_init_kwargs()
             )
         return self._backend
+
+    def _make_backend(
+        self, model: nn.Module, likelihood: Any, kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        """A backend of the configured class over ``model``; ``kwargs`` default
+        to ``backend_kwargs``."""
+        cls = self._backend_cls or self._default_backend()
+        kwargs = self.backend_kwargs if kwargs is None else kwargs
+        return cls(
+            model,
+            likelihood,
+            dict_key_x=self.dict_key_x,
+            dict_key_y=self.dict_key_y,
+            **kwargs,
+        )
 
     def _backend_init_kwargs(self) -> dict[str, Any]:
         return dict(self.backend_kwargs)
@@ -207,6 +206,12 @@ class BaseLaplace(HyperparametersMixin):
         return 1.0 / (self.sigma_noise.square() * self.temperature)
 
     @property
+    def _likelihood_model(self) -> LikelihoodModel:
+        """What the likelihood means (loss, targets, predictions); see
+        :mod:`laplace.likelihoods`."""
+        return likelihood_model(self.likelihood)
+
+    @property
     def log_likelihood(self) -> torch.Tensor:
         """Log-likelihood of the training data at the MAP, tempered.
 
@@ -214,15 +219,9 @@ class BaseLaplace(HyperparametersMixin):
         with ``loss`` half the sum of squared errors; classification: ``-loss / T``.
         """
         self._check_fitted()
-        factor = -self._H_factor
-        if self.likelihood is Likelihood.REGRESSION:
-            normalizer = (
-                self.n_data
-                * self.n_outputs
-                * torch.log(self.sigma_noise * math.sqrt(2 * math.pi))
-            )
-            return factor * self.loss - normalizer
-        return factor * self.loss
+        return self._likelihood_model.log_likelihood(
+            self.loss, self.n_data, self.n_outputs, self.sigma_noise, self.temperature
+        )
 
     # ---- data -----------------------------------------------------------------------
     def _batches(
@@ -241,10 +240,10 @@ class BaseLaplace(HyperparametersMixin):
         self, y: torch.Tensor, n_outputs: int | None = None
     ) -> torch.Tensor:
         """Check training or validation targets (see
-        :func:`~laplace.utils.targets.check_targets`); ``n_outputs`` defaults to
-        the model's, learned on the first batch of ``fit``."""
-        return check_targets(
-            y, self.likelihood, self.n_outputs if n_outputs is None else n_outputs
+        :meth:`laplace.likelihoods.LikelihoodModel.check_targets`); ``n_outputs``
+        defaults to the model's, learned on the first batch of ``fit``."""
+        return self._likelihood_model.check_targets(
+            y, self.n_outputs if n_outputs is None else n_outputs
         )
 
     def _check_sampling_args(
@@ -352,55 +351,6 @@ class BaseLaplace(HyperparametersMixin):
             params = self._treated_parameters()
         return expand_to_parameters(self.prior_precision, [p.numel() for p in params])
 
-    def optimize_prior_precision(
-        self,
-        pred_type: PredType | str = PredType.GLM,
-        method: str = "marglik",
-        n_steps: int = 100,
-        lr: float = 1e-1,
-        init_prior_prec: float | torch.Tensor = 1.0,
-        prior_structure: str = "scalar",
-        val_loader: Iterable | None = None,
-        loss: Any = None,
-        log_prior_prec_min: float = -4,
-        log_prior_prec_max: float = 4,
-        grid_size: int = 100,
-        link_approx: str = "probit",
-        n_samples: int = 100,
-        verbose: bool = False,
-        progress_bar: bool = False,
-        log_prior_prec_base: float = 10.0,
-    ) -> None:
-        """Tune the prior precision by maximising the marginal likelihood
-        (``method='marglik'``, Adam on the log prior precision) or by a grid search
-        on ``val_loader`` (``method='gridsearch'``, lowest ``loss`` wins; default
-        loss: NLL for classification, MSE for regression).
-
-        ``prior_structure`` ('scalar', 'layerwise' or 'diag') defaults to 'scalar',
-        the effective default of every laplace-torch Laplace class.
-        """
-        from laplace.prior_tuning import optimize_prior_precision
-
-        optimize_prior_precision(
-            self,
-            pred_type=pred_type,
-            method=method,
-            n_steps=n_steps,
-            lr=lr,
-            init_prior_prec=init_prior_prec,
-            prior_structure=prior_structure,
-            val_loader=val_loader,
-            loss=loss,
-            log_prior_prec_min=log_prior_prec_min,
-            log_prior_prec_max=log_prior_prec_max,
-            grid_size=grid_size,
-            link_approx=link_approx,
-            n_samples=n_samples,
-            verbose=verbose,
-            progress_bar=progress_bar,
-            log_prior_prec_base=log_prior_prec_base,
-        )
-
     def predictive(
         self,
         x: torch.Tensor | MutableMapping,
@@ -412,3 +362,38 @@ class BaseLaplace(HyperparametersMixin):
         return self(
             x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples
         )
+
+
+class MarginalLikelihoodMixin:
+    """The Laplace approximation of the log marginal likelihood, written once
+    for the weight-space and function-space classes; they provide
+    ``log_det_ratio`` and ``scatter``."""
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision: torch.Tensor | None = None,
+        sigma_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Laplace approximation of the log marginal likelihood,
+        ``log p(D | theta_MAP) - 1/2 (log det P - log det P_0 + scatter)``, ``()``;
+        differentiable w.r.t. ``prior_precision`` and ``sigma_noise``, which, when
+        given, replace the current values."""
+        self._check_fitted()
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        if sigma_noise is not None:
+            if not self._likelihood_model.has_noise:
+                raise ValueError("sigma_noise can only be set for regression.")
+            self.sigma_noise = sigma_noise
+        log_marglik = self.log_likelihood - 0.5 * (self.log_det_ratio + self.scatter)
+        return self._to_output(log_marglik)
+
+    @property
+    def log_det_ratio(self) -> torch.Tensor:
+        """``log det P - log det P_0``, ``()``."""
+        raise NotImplementedError
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """``(theta_MAP - prior_mean)^T P_0 (theta_MAP - prior_mean)``, ``()``."""
+        raise NotImplementedError
